@@ -1,0 +1,201 @@
+"""DoRA in PyTorch: a torch.autograd.Function whose backward is written by hand.
+
+The same equations as dora_minimal.reference (read that first), computed the way a GPU likes:
+
+    V' = W0 + s·B A                      never formed: no (out, in) temporary while training
+    ‖V'‖_c² = ‖W0‖_c² + 2s·rowsum(B ⊙ U) + s²·rowsum((B AA^T) ⊙ B),   U = W0 A^T (out, r)
+    c = m / ‖V'‖_c                        (out,), in float32 (float64 for float64 inputs)
+    y0 = x W0^T + s·(x A^T) B^T          (T, out)
+    y = c ⊙ y0 + b
+
+Backward, with G = ∂L/∂y (T, out) and Gc = G ⊙ c:
+    Eq. 7   ∂L/∂m = Σ_t G ⊙ y0 / ‖V'‖_c
+    Eq. 11  ∂L/∂x = Gc W0 + s·(Gc B) A,  ∂L/∂B = s·Gc^T (x A^T),  ∂L/∂A = s·(Gc B)^T x
+    Eq. 6   exact mode adds the norm's path: ∂L/∂V'_j += k_j V'_j with k = -m ⊙ Σ_t(G ⊙ y0) / ‖V'‖_c³,
+            so ∂L/∂B += s·k ⊙ (U + s·B AA^T) and ∂L/∂A += s·(k ⊙ B)^T (W0 + s·B A), the last
+            product taken as (k ⊙ B)^T W0 + s·((k ⊙ B)^T B) A to keep away from (out, in).
+A row with ‖V'‖_c = 0 gets c = 0 and no gradient through its norm (the zero-row rule).
+"""
+
+import torch
+from torch.nn import functional as F
+
+from .checks import check_bool, check_dora_arguments, check_positive
+
+
+def accumulation_dtype(dtype):
+    """Norms, the scale c and ∂L/∂m are computed in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _divide_or_zero(numerator, denominator):
+    """numerator / denominator, and 0 where the denominator is 0 (the zero-row rule)."""
+    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
+
+
+def weight_norm_sq(weight):
+    """‖W0‖_c² (out,) in the accumulation dtype: constant while W0 is frozen, so it can be cached."""
+    return torch.linalg.vector_norm(weight, dim=1, dtype=accumulation_dtype(weight.dtype)) ** 2
+
+
+def adapted_row_norm(weight, lora_A, lora_B, scaling, base_norm_sq=None):
+    """‖V'‖_c = ‖W0 + s·B A‖_c (out,) from the factored form, without forming V' (out, in).
+
+    Returns (norm, U, AAt) in the accumulation dtype; U = W0 A^T (out, r) and AAt = A A^T (r, r)
+    are reused by the exact backward.
+    """
+    acc = accumulation_dtype(weight.dtype)
+    if base_norm_sq is None:
+        base_norm_sq = weight_norm_sq(weight)  # (out,)
+    U = (weight @ lora_A.T).to(acc)  # (out, r)
+    A, B = lora_A.to(acc), lora_B.to(acc)
+    AAt = A @ A.T  # (r, r)
+    # ‖w_j + s b_j A‖² = ‖w_j‖² + 2s b_j·(W0 A^T)_j + s² b_j (A A^T) b_j^T
+    norm_sq = base_norm_sq + 2 * scaling * (B * U).sum(1) + scaling**2 * ((B @ AAt) * B).sum(1)
+    return norm_sq.clamp_min(0).sqrt(), U, AAt
+
+
+class DoRAFunction(torch.autograd.Function):
+    """y = (m / ‖W0 + s·B A‖_c) ⊙ (x W0^T + s·(x_a A^T) B^T) + b with a hand-written backward.
+
+    x_a is the adapter branch's input (dropout(x) in training, else x itself). W0 is frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling,
+                base_norm_sq, detach_norm):
+        lead, in_features, out_features = x.shape[:-1], weight.shape[1], weight.shape[0]
+        x2 = x.reshape(-1, in_features)  # (T, in)
+        xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, in_features)  # (T, in)
+        norm, U, AAt = adapted_row_norm(weight, lora_A, lora_B, scaling, base_norm_sq)  # (out,)
+        # c = m / ‖V'‖_c, kept in float32 so a small change of m survives in bf16
+        c = _divide_or_zero(magnitude.to(norm.dtype), norm)  # (out,)
+        xA = xa2 @ lora_A.T  # (T, r)
+        # y0 = x W0^T + s·(x A^T) B^T
+        y0 = x2 @ weight.T  # (T, out)
+        y0.addmm_(xA, lora_B.T, alpha=scaling)
+        # y = c ⊙ y0 + b: the product is taken in float32 and rounded once to x's dtype
+        y = torch.empty_like(y0)
+        if bias is None:
+            torch.mul(y0, c, out=y)
+        else:
+            torch.addcmul(bias, y0, c, out=y)
+        ctx.save_for_backward(x2, xa2 if x_adapter is not None else None, weight, lora_A, lora_B,
+                              magnitude, c, norm, xA, y0, U, AAt)
+        ctx.scaling, ctx.detach_norm, ctx.lead = scaling, detach_norm, lead
+        return y.reshape(*lead, out_features)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA, y0, U, AAt = ctx.saved_tensors
+        s = ctx.scaling
+        needs = ctx.needs_input_grad  # x, x_adapter, weight, A, B, m, bias, ...
+        G = grad_y.reshape(-1, weight.shape[0])  # (T, out)
+        grad_x = grad_xa = grad_A = grad_B = grad_m = grad_bias = None
+
+        exact = not ctx.detach_norm and (needs[3] or needs[4])
+        if needs[5] or exact:
+            # Σ_t G ⊙ y0 (out,), accumulated in float32
+            g = (G * y0).sum(0, dtype=c.dtype)
+            # Eq. 7: ∂L/∂m = Σ_t G ⊙ y0 / ‖V'‖_c
+            grad_m = _divide_or_zero(g, norm).to(magnitude.dtype) if needs[5] else None
+        # Eq. 11: the gradient that reaches y0 is G ⊙ c
+        Gc = torch.empty_like(G)
+        torch.mul(G, c, out=Gc)  # (T, out)
+        GcB = Gc @ lora_B  # (T, r)
+        if needs[0]:
+            # ∂L/∂x = Gc W0 (+ s·(Gc B) A when the adapter branch saw x itself)
+            grad_x = Gc @ weight  # (T, in)
+            if xa2 is None:
+                grad_x.addmm_(GcB, lora_A, alpha=s)
+            grad_x = grad_x.reshape(*ctx.lead, weight.shape[1])
+        if needs[1]:
+            grad_xa = (s * (GcB @ lora_A)).reshape(*ctx.lead, weight.shape[1])  # (..., in)
+        x_for_A = x2 if xa2 is None else xa2
+        if needs[3]:
+            grad_A = s * (GcB.T @ x_for_A)  # (r, in): s·(Gc B)^T x
+        if needs[4]:
+            grad_B = s * (Gc.T @ xA)  # (out, r): s·Gc^T (x A^T)
+        if exact:
+            # Eq. 6, the norm's path: ∂L/∂V'_j += k_j V'_j, k = -m Σ_t(G ⊙ y0) / ‖V'‖_c³
+            k = _divide_or_zero(-magnitude.to(norm.dtype) * g, norm**3)  # (out,)
+            B_acc = lora_B.to(k.dtype)
+            kB = k[:, None] * B_acc  # (out, r)
+            if needs[3]:
+                # s·(k ⊙ B)^T V' = s·((k ⊙ B)^T W0 + s·((k ⊙ B)^T B) A); the product with W0 runs
+                # in W0's dtype, on k ⊙ B divided by its largest entry so that fp16 cannot overflow
+                largest = kB.abs().max().clamp_min(torch.finfo(k.dtype).tiny)
+                kBtW0 = ((kB / largest).T.to(weight.dtype) @ weight).to(k.dtype) * largest
+                kBtV = kBtW0 + s * (kB.T @ B_acc) @ lora_A.to(k.dtype)  # (r, in)
+                grad_A = grad_A + (s * kBtV).to(grad_A.dtype)  # (r, in)
+            if needs[4]:
+                # s·k ⊙ (V' A^T) = s·k ⊙ (U + s·B AA^T)
+                grad_B = grad_B + (s * k[:, None] * (U + s * B_acc @ AAt)).to(grad_B.dtype)
+        if needs[6]:
+            grad_bias = G.sum(0)
+        return grad_x, grad_xa, None, grad_A, grad_B, grad_m, grad_bias, None, None, None
+
+
+def _check_same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got "
+                         + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+
+
+def check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scaling):
+    """Validate the arguments of dora_linear / lora_linear (types, shapes, dtypes, devices)."""
+    names = ("x", "weight", "lora_A", "lora_B", "magnitude")
+    check_dora_arguments(x, weight, lora_A, lora_B, magnitude, bias,
+                         array_type=torch.Tensor, names=names)
+    _check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude,
+                       bias=bias)
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.dtype != weight.dtype:
+            raise TypeError(f"{name}: expected dtype {weight.dtype} (weight's), got {t.dtype}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight: expected a frozen weight (requires_grad=False); DoRA trains "
+                         "lora_A, lora_B and magnitude, and computes no gradient for weight")
+    return check_positive("scaling", scaling)
+
+
+def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach_norm=True,
+                *, lora_input=None, base_norm_sq=None):
+    """DoRA's linear map y = (m / ‖W0 + s·B A‖_c) ⊙ (x W0^T + s·(x A^T) B^T) + b.
+
+    x (..., in), weight (out, in) frozen, lora_A (r, in), lora_B (out, r), magnitude (out,),
+    scaling = lora_alpha / r, bias (out,) or None. Returns (..., out) in x's dtype.
+    Gradients reach x, lora_A, lora_B, magnitude (and bias if it requires grad).
+    detach_norm=True treats ‖V'‖_c as a constant in backward (Eq. 11, as PEFT); False gives the
+    exact gradient (Eq. 6). lora_input: the adapter branch's input if not x (dropout(x)).
+    base_norm_sq: ‖weight‖_c² (see weight_norm_sq), if cached.
+    """
+    s = check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scaling)
+    detach_norm = check_bool("detach_norm", detach_norm)
+    if lora_input is not None and lora_input.shape != x.shape:
+        raise ValueError(f"lora_input: expected x's shape {tuple(x.shape)}, "
+                         f"got {tuple(lora_input.shape)}")
+    return DoRAFunction.apply(x, lora_input, weight, lora_A, lora_B, magnitude, bias, s,
+                              base_norm_sq, detach_norm)
+
+
+def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, lora_input=None):
+    """Plain LoRA (Eq. 1): y = x W0^T + s·(x A^T) B^T + b, by ordinary autograd."""
+    s = check_functional_arguments(x, weight, lora_A, lora_B, None, bias, scaling)
+    lora_input = x if lora_input is None else lora_input
+    y = F.linear(x, weight, bias)  # (..., out)
+    return y + s * F.linear(F.linear(lora_input, lora_A), lora_B)
+
+
+def merged_weight(weight, lora_A, lora_B, magnitude, scaling, scale=None):
+    """W' = c ⊙ (W0 + s·B A) (out, in), c = m / ‖V'‖_c (or the given cached `scale`), in W0's dtype.
+
+    The product with c is taken in float32 and rounded once. This forms (out, in): it is for
+    merging and for inference, not for training.
+    """
+    if scale is None:
+        norm = adapted_row_norm(weight, lora_A, lora_B, scaling)[0]
+        scale = _divide_or_zero(magnitude.to(norm.dtype), norm)
+    V = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # (out, in): W0 + s·B A
+    return torch.mul(V, scale[:, None], out=V)

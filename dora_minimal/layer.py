@@ -1,0 +1,265 @@
+"""DoRALinear: an nn.Linear with a LoRA or DoRA adapter that drops into any model.
+
+    y = (m / ‖W0 + s·B A‖_c) ⊙ (x W0^T + s·drop(x) A^T B^T) + b     use_dora=True
+    y = x W0^T + s·drop(x) A^T B^T + b                               use_dora=False (LoRA)
+
+Parameters are named as in PEFT: `weight` and `bias` (frozen, copied from the pretrained linear),
+`lora_A` (r, in), `lora_B` (out, r) and `magnitude` (out,). Dropout acts on the adapter branch
+only, so training costs no second base matmul and eval mode equals the merged layer (PEFT applies
+the scale to a dropped-out base branch too when dropout > 0; both agree when dropout is 0).
+"""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .checks import check_bool, check_dropout, check_positive, check_positive_int, check_rank
+from .functional import (_divide_or_zero, accumulation_dtype, adapted_row_norm,
+                         check_functional_arguments,
+                         dora_linear, lora_linear, merged_weight, weight_norm_sq)
+
+
+def _version_key(*tensors):
+    """Identifies the current contents of tensors: memory, in-place version, dtype, device."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
+class DoRALinear(nn.Module):
+    """A linear layer y = x W^T + b whose frozen weight is adapted by LoRA or DoRA.
+
+    Args:
+        in_features, out_features: as nn.Linear.
+        r: rank of the update B A; lora_alpha: its scale numerator, scaling = lora_alpha / r.
+        lora_dropout: dropout probability on the adapter branch's input.
+        bias: whether the layer has a (frozen) bias.
+        use_dora: DoRA (True) or plain LoRA (False).
+        detach_norm: DoRA's backward treats ‖V'‖_c as a constant (Eq. 11, default) or not (Eq. 6).
+    """
+
+    def __init__(self, in_features, out_features, r, lora_alpha, lora_dropout=0.0, bias=True,
+                 use_dora=True, detach_norm=True, device=None, dtype=None):
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.r = check_rank(r)
+        self.lora_alpha = check_positive("lora_alpha", lora_alpha)
+        self.lora_dropout = check_dropout(lora_dropout)
+        self.use_dora = check_bool("use_dora", use_dora)
+        self.detach_norm = check_bool("detach_norm", detach_norm)
+        check_bool("bias", bias)
+        self.scaling = self.lora_alpha / self.r
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+                     if bias else None)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        # m is kept in float32 (float64 for a float64 layer): in bf16 a step of 1e-3 would vanish
+        acc = accumulation_dtype(dtype or torch.get_default_dtype())
+        self.magnitude = (nn.Parameter(torch.empty(out_features, device=device, dtype=acc))
+                          if use_dora else None)
+        self.dropout = nn.Dropout(self.lora_dropout) if self.lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self._merged_norm = None  # ‖V'‖_c at merge time, what unmerge() needs
+        self._caches = {}
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(cls, linear, r, lora_alpha, lora_dropout=0.0, use_dora=True,
+                    detach_norm=True):
+        """Wrap a pretrained nn.Linear: copies its weight and bias (same device and dtype)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout,
+                    bias=linear.bias is not None, use_dora=use_dora, detach_norm=detach_norm,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.reset_adapter()
+        return layer
+
+    def reset_parameters(self):
+        """Weight and bias as nn.Linear initializes them, then reset_adapter()."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_adapter()
+
+    def reset_adapter(self):
+        """A Kaiming-uniform (a = sqrt(5)), B = 0, m = ‖W0‖_c: the layer equals the base layer."""
+        if self.merged:
+            raise ValueError("reset_adapter(): the layer is merged; call unmerge() first")
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+            if self.magnitude is not None:
+                self.magnitude.copy_(weight_norm_sq(self.weight).sqrt())  # as forward computes it
+
+    # --- caches: only ever keyed by the exact contents they were computed from ----------------
+
+    def _cached(self, name, tensors, compute):
+        if torch.compiler.is_compiling():
+            return compute()
+        key = _version_key(*tensors)
+        hit = self._caches.get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, compute())
+            self._caches[name] = hit
+        return hit[1]
+
+    def _base_norm_sq(self):
+        """‖W0‖_c² (out,): W0 is frozen, so this is computed once per version of the weight."""
+        return self._cached("base_norm_sq", (self.weight,), lambda: weight_norm_sq(self.weight))
+
+    def _eval_scale(self):
+        """c = m / ‖V'‖_c (out,) for eval mode, recomputed whenever W0, A, B or m changed."""
+        def compute():
+            norm = adapted_row_norm(self.weight, self.lora_A, self.lora_B, self.scaling,
+                                    self._base_norm_sq())[0]
+            return _divide_or_zero(self.magnitude.to(norm.dtype), norm)
+        return self._cached("eval_scale", (self.weight, self.lora_A, self.lora_B, self.magnitude),
+                            compute)
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .cuda(), .half(), ...: as nn.Module, except that the magnitude moves with the
+        layer but keeps its float32 (float64) dtype, and that caches are dropped."""
+        self._caches = {}
+        magnitude = self._parameters.pop("magnitude")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["magnitude"] = magnitude
+        if magnitude is not None:
+            target = fn(magnitude.detach()[:0])  # only read for its device
+            acc = accumulation_dtype(self.weight.dtype)
+            magnitude.data = magnitude.data.to(device=target.device, dtype=acc)
+            if magnitude.grad is not None:
+                magnitude.grad = magnitude.grad.to(device=target.device, dtype=acc)
+        if self._merged_norm is not None:  # stays float64, follows the weight's device
+            self._merged_norm = self._merged_norm.to(self.weight.device)
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._caches = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, x):
+        check_functional_arguments(x, self.weight, self.lora_A, self.lora_B, self.magnitude,
+                                   self.bias, self.scaling)
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
+        if not self.use_dora:
+            return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias,
+                               lora_input=lora_input)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in (self.lora_A, self.lora_B,
+                                                             self.magnitude)))
+        if self.training or needs_grad:
+            return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude,
+                               self.scaling, self.bias, self.detach_norm, lora_input=lora_input,
+                               base_norm_sq=self._base_norm_sq())
+        return self._inference(x)
+
+    def _inference(self, x):
+        """Eval mode without gradients, with the cached scale c. With at least as many tokens as
+        input features, forming W' = c ⊙ (W0 + s·B A) once is cheaper than scaling the
+        (tokens, out) output; with fewer, scale the output."""
+        scale = self._eval_scale()  # (out,)
+        tokens = x.numel() // self.in_features
+        if tokens >= self.in_features:
+            W = merged_weight(self.weight, self.lora_A, self.lora_B, self.magnitude, self.scaling,
+                              scale)  # (out, in)
+            return F.linear(x, W, self.bias)
+        y0 = F.linear(x, self.weight)  # (..., out)
+        y0 = y0 + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        y = torch.empty_like(y0)
+        return torch.mul(y0, scale, out=y) if self.bias is None else torch.addcmul(
+            self.bias, y0, scale, out=y)
+
+    # --- merge --------------------------------------------------------------------------------
+
+    def _merge_math(self):
+        """W' in float64 and ‖V'‖_c (DoRA) or None (LoRA): merge() checks them before writing."""
+        W0, A, B = (t.detach().double() for t in (self.weight, self.lora_A, self.lora_B))
+        V = torch.addmm(W0, B, A, alpha=self.scaling)  # (out, in): V' = W0 + s·B A
+        if not self.use_dora:
+            return V, None
+        norm = torch.linalg.vector_norm(V, dim=1)  # (out,)
+        m = self.magnitude.detach().double()
+        erased = torch.nonzero((m == 0) & (norm > 0)).flatten().tolist()
+        if erased:
+            raise ValueError(f"merge(): rows {erased} have magnitude 0, so their W0 could not be "
+                             f"restored by unmerge(); use to_linear() for a merged copy")
+        return _divide_or_zero(m, norm)[:, None] * V, norm  # Eq. 5: W' = m · V'/‖V'‖_c
+
+    def merge(self):
+        """Write W' into `weight` (the layer then runs as a plain F.linear); unmerge() undoes it."""
+        if self.merged:
+            raise ValueError("merge(): the layer is already merged; call unmerge() first")
+        W, norm = self._merge_math()
+        _check_finite("merge()", W, self.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(W)
+        self._merged_norm = norm
+        self.merged = True
+        self._caches = {}
+
+    def unmerge(self):
+        """Restore W0 = W' · ‖V'‖_c / m - s·B A from the norm stored by merge()."""
+        if not self.merged:
+            raise ValueError("unmerge(): the layer is not merged")
+        W, A, B = (t.detach().double() for t in (self.weight, self.lora_A, self.lora_B))
+        if self.use_dora:
+            ratio = _divide_or_zero(self._merged_norm.to(W.device), self.magnitude.detach()
+                                    .double())
+            W = W * ratio[:, None]  # V' = W' · ‖V'‖_c / m
+        W0 = torch.addmm(W, B, A, alpha=-self.scaling)  # W0 = V' - s·B A
+        _check_finite("unmerge()", W0, self.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(W0)
+        self._merged_norm = None
+        self.merged = False
+        self._caches = {}
+
+    def to_linear(self):
+        """A plain nn.Linear holding the merged weight W' (and the bias); this layer is unchanged."""
+        W = self.weight.detach().double() if self.merged else self._merge_math()[0]
+        _check_finite("to_linear()", W, self.weight.dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(W)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def get_extra_state(self):
+        return {"merged": self.merged, "merged_norm": self._merged_norm}
+
+    def set_extra_state(self, state):
+        self.merged = bool(state["merged"])
+        norm = state["merged_norm"]
+        self._merged_norm = None if norm is None else norm.to(self.weight.device)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha:g}, use_dora={self.use_dora}, merged={self.merged}")
+
+
+def _check_finite(what, W, dtype):
+    """W must stay finite once rounded to the layer's dtype; the error names the bad rows."""
+    rows = torch.nonzero(~torch.isfinite(W.to(dtype)).all(dim=1)).flatten().tolist()
+    if rows:
+        raise ValueError(f"{what}: the result would contain NaN or inf in rows {rows[:20]}"
+                         f"{' ...' if len(rows) > 20 else ''}; the weights were left unchanged")

@@ -1,0 +1,96 @@
+"""Shared test tools: the relative error, centred finite differences, and random DoRA problems."""
+
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import strategies as st
+
+
+def rel_error(a, b):
+    """cs231n's relative error, taken over the whole array: max|a-b| / max(1e-8, max|a| + max|b|).
+
+    Taking the maxima over the whole array (not entry by entry) keeps entries that are exactly
+    zero in one and round-off in the other from dominating.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b)) / max(1e-8, np.max(np.abs(a)) + np.max(np.abs(b))))
+
+
+def numerical_gradient(f, p, h=1e-6):
+    """Centred finite differences of the scalar f() with respect to every entry of the array p.
+
+    f reads p, which is perturbed in place and restored: (f(p + h) - f(p - h)) / 2h per entry.
+    The step h is relative to the size of p's entries. Returns (gradient, step).
+    """
+    largest = float(np.max(np.abs(p))) if p.size else 0.0
+    step = h * (largest if largest > 0 else 1.0)
+    grad = np.zeros_like(p)
+    for index in np.ndindex(p.shape):
+        saved = p[index]
+        p[index] = saved + step
+        plus = f()
+        p[index] = saved - step
+        minus = f()
+        p[index] = saved
+        grad[index] = (plus - minus) / (2 * step)
+    return grad, step
+
+
+def gradient_error(analytic, f, p, loss_terms):
+    """rel_error between `analytic` and finite differences of f = Σ loss_terms w.r.t. p, with
+    differences below the round-off of the finite differences (≈ eps·Σ|loss_terms| / step,
+    taken 100 times over) counted as zero."""
+    numeric, step = numerical_gradient(f, p)
+    round_off = 1e-14 * (1.0 + float(np.sum(np.abs(loss_terms)))) / step
+    difference = np.max(np.abs(analytic - numeric), initial=0.0)
+    if difference <= round_off:
+        return 0.0
+    return rel_error(analytic, numeric)
+
+
+@dataclass
+class Problem:
+    """One DoRA layer and its input: every array the public functions take."""
+    x: np.ndarray       # (..., in)
+    W0: np.ndarray      # (out, in)
+    A: np.ndarray       # (r, in)
+    B: np.ndarray       # (out, r)
+    m: np.ndarray       # (out,)
+    bias: np.ndarray    # (out,) or None
+    grad_y: np.ndarray  # (..., out)
+    scaling: float
+
+    @property
+    def shapes(self):
+        return dict(out=self.W0.shape[0], inp=self.W0.shape[1], r=self.A.shape[0])
+
+
+@st.composite
+def problems(draw, max_dim=6, max_rank=5, batch_dims=(0, 2), scales=(-3, 3), dtype=np.float64,
+             min_tokens=0):
+    """A random DoRA problem: small shapes (r from 1, any batch rank, possibly no token), and each
+    array at its own scale 10^k with k drawn from `scales` (values over orders of magnitude)."""
+    out_features = draw(st.integers(1, max_dim), label="out")
+    in_features = draw(st.integers(1, max_dim), label="in")
+    r = draw(st.integers(1, max_rank), label="r")
+    batch = tuple(draw(st.lists(st.integers(min_tokens, 3), min_size=batch_dims[0],
+                                max_size=batch_dims[1]), label="batch"))
+    scaling = draw(st.sampled_from([0.5, 1.0, 2.0, 16.0 / r]), label="scaling")
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    exponent = st.integers(*scales)
+    rng = np.random.default_rng(seed)
+
+    def array(*shape):
+        return (rng.standard_normal(shape) * 10.0 ** draw(exponent)).astype(dtype)
+
+    W0 = array(out_features, in_features)
+    A = array(r, in_features)
+    # B at a scale tied to W0's so that s·B A is an update, not a replacement of W0
+    B = (rng.standard_normal((out_features, r)) * np.abs(W0).max()
+         / max(np.abs(A).max() * scaling * r, 1e-300)).astype(dtype)
+    m = (np.linalg.norm(W0, axis=1) * rng.uniform(0.5, 2.0, out_features)).astype(dtype)
+    bias = array(out_features) if draw(st.booleans(), label="bias") else None
+    return Problem(x=array(*batch, in_features), W0=W0, A=A, B=B, m=m, bias=bias,
+                   grad_y=array(*batch, out_features), scaling=scaling)
