@@ -6,16 +6,19 @@ import numpy as np
 from hypothesis import strategies as st
 
 
-def rel_error(a, b):
+def rel_error(a, b, scale=0.0):
     """cs231n's relative error, taken over the whole array: max|a-b| / max(1e-8, max|a| + max|b|).
 
     Taking the maxima over the whole array (not entry by entry) keeps entries that are exactly
-    zero in one and round-off in the other from dominating.
+    zero in one and round-off in the other from dominating. `scale`, when given, is the size of
+    the terms that a and b were summed from: a difference that cancels to ~0 is then measured
+    against the terms, whose round-off it carries.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.size == 0:
         return 0.0
-    return float(np.max(np.abs(a - b)) / max(1e-8, np.max(np.abs(a)) + np.max(np.abs(b))))
+    return float(np.max(np.abs(a - b))
+                 / max(1e-8, np.max(np.abs(a)) + np.max(np.abs(b)), scale))
 
 
 def numerical_gradient(f, p, h=1e-6):
