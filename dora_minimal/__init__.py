@@ -3,10 +3,19 @@
     reference    the four steps and their gradients in NumPy, as the paper writes them
     functional   dora_linear: the same in PyTorch, with a hand-written backward
     layer        DoRALinear: an nn.Linear with a LoRA or DoRA adapter
+    adapters     LoraConfig, inject_adapters, merge_adapters, saving and PEFT interop
+    analysis     the paper's magnitude/direction analysis (ΔM, ΔD)
 """
 
 from . import reference
 from .functional import DoRAFunction, dora_linear, lora_linear
 from .layer import DoRALinear
+from .adapters import (LoraConfig, adapter_state_dict, from_peft_state_dict, inject_adapters,
+                       load_adapter_state_dict, merge_adapters, to_peft_state_dict,
+                       trainable_parameters)
+from .analysis import decomposition_by_layer, effective_weights, magnitude_direction_change
 
-__all__ = ["reference", "DoRAFunction", "dora_linear", "lora_linear", "DoRALinear"]
+__all__ = ["reference", "DoRAFunction", "dora_linear", "lora_linear", "DoRALinear", "LoraConfig",
+           "inject_adapters", "merge_adapters", "adapter_state_dict", "load_adapter_state_dict",
+           "to_peft_state_dict", "from_peft_state_dict", "trainable_parameters",
+           "magnitude_direction_change", "effective_weights", "decomposition_by_layer"]
