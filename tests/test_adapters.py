@@ -1,0 +1,320 @@
+"""Adapters in toy models: LoraConfig, inject/merge, saving, PEFT keys, ΔM/ΔD, the main command,
+DistributedDataParallel and torch.compile."""
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import dora_minimal as dm
+from dora_minimal.toy import ToyConfig, run
+from helpers import rel_error
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 10), nn.Linear(10, 6)
+        self.norm = nn.LayerNorm(6)
+
+    def forward(self, x):
+        return self.norm(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def toy_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(Block(), Block(), nn.Linear(6, 3)).double()
+
+
+def state_of(model):
+    return copy.deepcopy(model.state_dict())
+
+
+def same_state(a, b):
+    """Equal state dicts, tensors compared exactly (extra states hold dicts and None)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k])
+                                                                    for k in a)
+    return a == b
+
+
+def trained(model, seed=1):
+    """Move every adapter away from its init."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in dm.adapters.adapter_layers(model):
+            layer.lora_B.normal_(0, 0.3)
+            if layer.magnitude is not None:
+                layer.magnitude.mul_(torch.rand_like(layer.magnitude) + 0.5)
+    return model
+
+
+# --- LoraConfig -------------------------------------------------------------------------------
+
+def test_lora_config_defaults_and_validation():
+    config = dm.LoraConfig()
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.target_modules,
+            config.use_dora) == (8, 16, 0.0, None, False)
+    assert dm.LoraConfig(target_modules=["fc1"]).target_modules == ("fc1",)
+    for kwargs, error in [({"r": 0}, ValueError), ({"r": 2.5}, TypeError),
+                          ({"lora_alpha": 0}, ValueError), ({"lora_dropout": 1.0}, ValueError),
+                          ({"target_modules": []}, ValueError),
+                          ({"target_modules": "fc1"}, TypeError),
+                          ({"target_modules": ["fc1", ""]}, TypeError),
+                          ({"use_dora": "yes"}, TypeError)]:
+        with pytest.raises(error):
+            dm.LoraConfig(**kwargs)
+
+
+# --- inject, merge, count ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_inject_replaces_targets_freezes_the_rest_and_starts_as_the_base_model(use_dora):
+    model = toy_model()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    expected = model(x)
+    dm.inject_adapters(model, dm.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"],
+                                            use_dora=use_dora))
+    names = [n for n, _ in dm.adapters.adapter_layers(model)]
+    assert names == ["0.fc1", "1.fc1"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected_names = {f"{b}.fc1.{k}" for b in "01" for k in ("lora_A", "lora_B")}
+    if use_dora:
+        expected_names |= {f"{b}.fc1.magnitude" for b in "01"}
+    assert trainable == expected_names
+    assert torch.allclose(model(x), expected, rtol=0, atol=1e-14)
+    count = dm.trainable_parameters(model)
+    per_layer = 2 * (6 + 10) + (10 if use_dora else 0)  # r(in+out) (+ out)
+    assert count.trainable == 2 * per_layer
+    assert count.total == sum(p.numel() for p in toy_model().parameters()) + 2 * per_layer
+
+
+def test_inject_every_linear_when_no_target_is_given():
+    model = dm.inject_adapters(toy_model(), dm.LoraConfig(r=1, use_dora=True))
+    assert [n for n, _ in dm.adapters.adapter_layers(model)] == ["0.fc1", "0.fc2", "1.fc1",
+                                                                 "1.fc2", "2"]
+
+
+def test_an_unmatched_target_lists_the_linear_layers_and_changes_nothing():
+    model = toy_model()
+    before = state_of(model)
+    with pytest.raises(ValueError, match=r"\['attn'\] match no nn.Linear.*0.fc1"):
+        dm.inject_adapters(model, dm.LoraConfig(target_modules=["fc1", "attn"]))
+    assert same_state(state_of(model), before)
+    assert not dm.adapters.adapter_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_merge_adapters_gives_plain_linears_with_unchanged_outputs():
+    model = trained(dm.inject_adapters(toy_model(), dm.LoraConfig(r=3, use_dora=True)))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    expected = model(x).detach()
+    merged = dm.merge_adapters(model)
+    assert not dm.adapters.adapter_layers(merged)
+    assert sum(isinstance(m, nn.Linear) for m in merged.modules()) == 5
+    assert rel_error(merged(x).detach().numpy(), expected.numpy()) < 1e-13
+
+
+# --- saving -----------------------------------------------------------------------------------
+
+def test_adapter_state_dict_round_trip():
+    config = dm.LoraConfig(r=2, target_modules=["fc2"], use_dora=True)
+    source = trained(dm.inject_adapters(toy_model(), config))
+    state = dm.adapter_state_dict(source)
+    assert sorted(state) == [f"{b}.fc2.{k}" for b in "01" for k in ("lora_A", "lora_B",
+                                                                     "magnitude")]
+    target = dm.inject_adapters(toy_model(), config)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert not torch.equal(target(x), source(x))
+    dm.load_adapter_state_dict(target, state)
+    assert torch.equal(target(x), source(x))
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected", "shape", "merged"])
+def test_loading_a_mismatched_adapter_raises_and_changes_nothing(change):
+    config = dm.LoraConfig(r=2, target_modules=["fc2"], use_dora=True)
+    state = dm.adapter_state_dict(trained(dm.inject_adapters(toy_model(), config)))
+    target = dm.inject_adapters(toy_model(), config)
+    if change == "missing":
+        state.pop("1.fc2.magnitude")
+    elif change == "unexpected":
+        state["2.lora_A"] = torch.zeros(2, 6)
+    elif change == "shape":
+        state["0.fc2.lora_A"] = torch.zeros(3, 10)
+    else:
+        target[0].fc2.merge()
+    before = state_of(target)
+    with pytest.raises(ValueError, match={"missing": "missing keys .'1.fc2.magnitude'",
+                                          "unexpected": "unexpected keys .'2.lora_A'",
+                                          "shape": r"0.fc2.lora_A expected shape \(2, 10\)",
+                                          "merged": "merged"}[change]):
+        dm.load_adapter_state_dict(target, state)
+    assert same_state(state_of(target), before)
+
+
+def test_peft_keys_round_trip():
+    config = dm.LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["fc1"])
+    source = trained(dm.inject_adapters(toy_model(), config))
+    state = dm.to_peft_state_dict(source)
+    assert sorted(state) == sorted(f"base_model.model.{b}.fc1.{k}" for b in "01" for k in
+                                   ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
+    target = dm.inject_adapters(toy_model(), config)
+    dm.from_peft_state_dict(target, state)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert torch.equal(target(x), source(x))
+    before = state_of(target)
+    state.pop(next(iter(state)))
+    with pytest.raises(ValueError, match="missing keys"):
+        dm.from_peft_state_dict(target, state)
+    assert same_state(state_of(target), before)
+
+
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_adapters_load_into_peft_and_back_with_the_same_outputs(use_dora):
+    peft = pytest.importorskip("peft")
+    config = dm.LoraConfig(r=2, lora_alpha=6, use_dora=use_dora, target_modules=["fc1", "fc2"])
+    ours = trained(dm.inject_adapters(toy_model(), config))
+    peft_model = peft.get_peft_model(toy_model(), peft.LoraConfig(
+        r=2, lora_alpha=6, use_dora=use_dora, target_modules=["fc1", "fc2"]))
+    result = peft.set_peft_model_state_dict(peft_model, dm.to_peft_state_dict(ours))
+    assert not result.unexpected_keys
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert rel_error(peft_model(x).detach().numpy(), ours(x).detach().numpy()) < 1e-13
+    back = dm.inject_adapters(toy_model(), config)
+    dm.from_peft_state_dict(back, peft.get_peft_model_state_dict(peft_model))
+    assert torch.equal(back(x), ours(x))
+
+
+# --- the paper's analysis ---------------------------------------------------------------------
+
+def test_magnitude_and_direction_changes_eq3_eq4():
+    torch.manual_seed(0)
+    W0 = torch.randn(5, 4, dtype=torch.float64)
+    norms = torch.linalg.vector_norm(W0, dim=1)
+    # scaling rows changes magnitude only: ΔM = mean |(k-1)| ‖w0‖, ΔD = 0
+    k = torch.tensor([0.5, 1.0, 2.0, 3.0, 1.5], dtype=torch.float64)
+    delta_m, delta_d = dm.magnitude_direction_change(W0, k[:, None] * W0)
+    assert delta_m == pytest.approx(float(((k - 1).abs() * norms).mean()), rel=1e-14)
+    assert delta_d == pytest.approx(0.0, abs=1e-15)
+    # swapping two coordinates keeps every norm: ΔM = 0, ΔD = mean(1 - cos)
+    W = W0[:, [1, 0, 2, 3]]
+    cos = (W * W0).sum(1) / norms**2
+    delta_m, delta_d = dm.magnitude_direction_change(W0, W)
+    assert delta_m == pytest.approx(0.0, abs=1e-14)
+    assert delta_d == pytest.approx(float((1 - cos).mean()), rel=1e-12)
+
+
+# --- the main command -------------------------------------------------------------------------
+
+SMALL = dict(pretrain_steps=30, finetune_steps=20, checkpoints=4, train_size=256, test_size=128)
+
+
+def test_toy_run_is_deterministic_and_merging_changes_nothing():
+    results, merge_difference = run(ToyConfig(**SMALL), log=lambda line: None)
+    again, _ = run(ToyConfig(**SMALL), log=lambda line: None)
+    assert [r.method for r in results] == ["full", "lora", "dora"]
+    for a, b in zip(results, again):
+        assert (a.train_loss, a.test_loss, a.trajectory) == (b.train_loss, b.test_loss,
+                                                              b.trajectory)
+    assert [r.trainable for r in results] == [6792, 4 * (32 + 64 + 64 + 64 + 64 + 8),
+                                              4 * (32 + 64 + 64 + 64 + 64 + 8) + 64 + 64 + 8]
+    assert merge_difference < 1e-5
+    assert len(results[2].trajectory) == 4 * 3  # 4 checkpoints x 3 layers
+
+
+def run_main(*args):
+    return subprocess.run([sys.executable, "-m", "dora_minimal", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_main_help_and_bad_options():
+    help_text = run_main("--help")
+    assert help_text.returncode == 0 and "--device" in help_text.stdout
+    bad = run_main("--rank", "0")
+    assert bad.returncode == 2 and "--rank: expected an integer >= 1, got 0" in bad.stderr
+
+
+def test_main_prints_the_table_and_plots_or_says_it_cannot(tmp_path):
+    path = tmp_path / "figure.png"
+    result = run_main("--pretrain-steps", "20", "--steps", "10", "--checkpoints", "2",
+                      "--plot", str(path))
+    if importlib.util.find_spec("matplotlib") is None:
+        assert result.returncode == 2 and "--plot needs matplotlib" in result.stderr
+        result = run_main("--pretrain-steps", "20", "--steps", "10", "--checkpoints", "2")
+    else:
+        assert path.stat().st_size > 0
+    assert result.returncode == 0, result.stderr
+    for text in ["pretraining:", "full fine-tuning", "LoRA r=4", "DoRA r=4", "corr(ΔM,ΔD)",
+                 "merged vs unmerged"]:
+        assert text in result.stdout
+
+
+# --- distributed and compiled -----------------------------------------------------------------
+
+def _ddp_worker(rank, world_size, port, x, y, path):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    model = dm.inject_adapters(toy_model(), dm.LoraConfig(r=2, use_dora=True))
+    trained(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    shard = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
+    nn.functional.mse_loss(ddp(x[shard]), y[shard]).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_gradients_equal_full_batch_gradients(tmp_path):
+    """Two gloo processes, half the batch each: DDP's averaged gradients are the full batch's."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.manual_seed(5)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    path = tmp_path / "grads.pt"
+    mp.start_processes(_ddp_worker, args=(2, port, x, y, str(path)), nprocs=2,
+                       start_method="spawn")
+    distributed = torch.load(path)
+    model = trained(dm.inject_adapters(toy_model(), dm.LoraConfig(r=2, use_dora=True)))
+    nn.functional.mse_loss(model(x), y).backward()
+    single = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert distributed.keys() == single.keys() and len(single) == 15
+    for name in single:
+        assert rel_error(distributed[name].numpy(), single[name].numpy()) < 1e-13, name
+
+
+def compiled_matches_eager(backend):
+    model = trained(dm.inject_adapters(toy_model(), dm.LoraConfig(r=2, use_dora=True)))
+    compiled = torch.compile(copy.deepcopy(model), backend=backend)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    outputs = []
+    for m in (model, compiled):
+        y = m(x)
+        y.square().sum().backward()
+        outputs.append((y.detach(), {n: p.grad for n, p in m.named_parameters()
+                                     if p.requires_grad}))
+    (y_eager, g_eager), (y_compiled, g_compiled) = outputs
+    assert rel_error(y_compiled.numpy(), y_eager.numpy()) < 1e-12
+    for name, grad in g_eager.items():
+        name_compiled = name if name in g_compiled else f"_orig_mod.{name}"
+        assert rel_error(g_compiled[name_compiled].numpy(), grad.numpy()) < 1e-12, name
+
+
+def test_torch_compile_matches_eager_aot_eager():
+    compiled_matches_eager("aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_inductor():
+    compiled_matches_eager("inductor")
