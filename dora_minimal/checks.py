@@ -64,11 +64,11 @@ def _is_real_float(dtype):
 
 def check_array(name, value, ndim=None, array_type=None):
     """`value` must be an array (of `array_type`) with a real floating dtype and `ndim` dims."""
-    kind = array_type.__name__ if array_type is not None else "array"
+    kind = f"a {array_type.__name__}" if array_type is not None else "an array"
     if array_type is not None and not isinstance(value, array_type):
-        raise TypeError(f"{name}: expected a {kind}, got {_describe(value)}")
-    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-        raise TypeError(f"{name}: expected a {kind}, got {_describe(value)}")
+        raise TypeError(f"{name}: expected {kind}, got {_describe(value)}")
+    if not (hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "ndim")):
+        raise TypeError(f"{name}: expected {kind}, got {_describe(value)}")
     if not _is_real_float(value.dtype):
         raise TypeError(f"{name}: expected a real floating dtype, got {_describe(value)}")
     if ndim is not None and value.ndim != ndim:
@@ -79,11 +79,13 @@ def check_array(name, value, ndim=None, array_type=None):
 
 
 def check_dora_arguments(x, weight, lora_A, lora_B, magnitude, bias=None, grad_y=None,
-                         array_type=None, names=("x", "W0", "A", "B", "m")):
+                         array_type=None, names=("x", "W0", "A", "B", "m"), needs_x=True,
+                         needs_m=True):
     """Check types, dimensions and the shape contract shared by every DoRA entry point.
 
-    x: (..., in); weight: (out, in); lora_A: (r, in); lora_B: (out, r); magnitude: (out,) or None
-    (plain LoRA); bias: (out,) or None; grad_y: (..., out) with x's leading dims, or None.
+    x: (..., in), or None with needs_x=False; weight: (out, in); lora_A: (r, in); lora_B: (out, r);
+    magnitude: (out,), or None with needs_m=False (plain LoRA); bias: (out,) or None;
+    grad_y: (..., out) with x's leading dims, or None.
     Returns (out, in, r).
     """
     x_name, w_name, a_name, b_name, m_name = names
@@ -104,13 +106,13 @@ def check_dora_arguments(x, weight, lora_A, lora_B, magnitude, bias=None, grad_y
                          f"got {tuple(lora_B.shape)}")
     if r < 1:
         raise ValueError(f"{a_name}: expected rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
-    if x is not None:
+    if needs_x or x is not None:
         check_array(x_name, x, None, array_type)
         if x.shape[-1] != in_features:
             raise ValueError(f"{x_name}: expected last dimension {in_features} (in_features of "
                              f"{w_name} {tuple(weight.shape)}), got shape {tuple(x.shape)}")
     for name, vector in ((m_name, magnitude), ("bias", bias)):
-        if vector is not None:
+        if vector is not None or (name == m_name and needs_m):
             check_array(name, vector, 1, array_type)
             if vector.shape[0] != out_features:
                 raise ValueError(f"{name}: expected shape ({out_features},) to match {w_name} "

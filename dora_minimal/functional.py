@@ -144,11 +144,11 @@ def _check_same_device(**tensors):
                          + ", ".join(f"{n} on {d}" for n, d in devices.items()))
 
 
-def check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scaling):
+def check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scaling, use_dora=True):
     """Validate the arguments of dora_linear / lora_linear (types, shapes, dtypes, devices)."""
     names = ("x", "weight", "lora_A", "lora_B", "magnitude")
     check_dora_arguments(x, weight, lora_A, lora_B, magnitude, bias,
-                         array_type=torch.Tensor, names=names)
+                         array_type=torch.Tensor, names=names, needs_m=use_dora)
     _check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude,
                        bias=bias)
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
@@ -182,7 +182,7 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
 
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, lora_input=None):
     """Plain LoRA (Eq. 1): y = x W0^T + s·(x A^T) B^T + b, by ordinary autograd."""
-    s = check_functional_arguments(x, weight, lora_A, lora_B, None, bias, scaling)
+    s = check_functional_arguments(x, weight, lora_A, lora_B, None, bias, scaling, use_dora=False)
     lora_input = x if lora_input is None else lora_input
     y = F.linear(x, weight, bias)  # (..., out)
     return y + s * F.linear(F.linear(lora_input, lora_A), lora_B)

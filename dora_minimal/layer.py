@@ -155,7 +155,7 @@ class DoRALinear(nn.Module):
 
     def forward(self, x):
         check_functional_arguments(x, self.weight, self.lora_A, self.lora_B, self.magnitude,
-                                   self.bias, self.scaling)
+                                   self.bias, self.scaling, self.use_dora)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
@@ -197,10 +197,6 @@ class DoRALinear(nn.Module):
             return V, None
         norm = torch.linalg.vector_norm(V, dim=1)  # (out,)
         m = self.magnitude.detach().double()
-        erased = torch.nonzero((m == 0) & (norm > 0)).flatten().tolist()
-        if erased:
-            raise ValueError(f"merge(): rows {erased} have magnitude 0, so their W0 could not be "
-                             f"restored by unmerge(); use to_linear() for a merged copy")
         return _divide_or_zero(m, norm)[:, None] * V, norm  # Eq. 5: W' = m · V'/‖V'‖_c
 
     def merge(self):
@@ -208,6 +204,11 @@ class DoRALinear(nn.Module):
         if self.merged:
             raise ValueError("merge(): the layer is already merged; call unmerge() first")
         W, norm = self._merge_math()
+        if norm is not None:
+            erased = torch.nonzero((self.magnitude == 0) & (norm > 0)).flatten().tolist()
+            if erased:
+                raise ValueError(f"merge(): rows {erased} have magnitude 0, so unmerge() could "
+                                 f"not restore their W0; use to_linear() for a merged copy")
         _check_finite("merge()", W, self.weight.dtype)
         with torch.no_grad():
             self.weight.copy_(W)

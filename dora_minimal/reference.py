@@ -23,9 +23,15 @@ Everything here is float64 by default (float32 is accepted) and materializes (ou
 it is the readable reference. dora_minimal.functional computes the same without them.
 """
 
+from functools import partial
+
 import numpy as np
 
 from .checks import check_array, check_bool, check_dora_arguments, check_positive
+
+# the arguments are NumPy arrays (a torch tensor goes to dora_minimal.functional instead)
+check_array = partial(check_array, array_type=np.ndarray)
+check_dora_arguments = partial(check_dora_arguments, array_type=np.ndarray)
 
 
 def _divide_or_zero(numerator, denominator):
@@ -66,7 +72,7 @@ def adapt(W0, A, B, scaling):
     W0 (out, in), A (r, in), B (out, r), scaling s = lora_alpha / r -> V' (out, in).
     The update is added to the unnormalized W0, then normalized in step 3.
     """
-    check_dora_arguments(None, W0, A, B, None)
+    check_dora_arguments(None, W0, A, B, None, needs_x=False, needs_m=False)
     s = check_positive("scaling", scaling)
     # Eq. 5: V' = W0 + s·B A
     return W0 + s * (B @ A)  # (out, in)
@@ -91,7 +97,7 @@ def merge(W0, A, B, m, scaling):
 
     A plain linear layer with weight W' computes what the adapted layer computes.
     """
-    check_dora_arguments(None, W0, A, B, m)
+    check_dora_arguments(None, W0, A, B, m, needs_x=False)
     return recombine(m, adapt(W0, A, B, scaling))
 
 
@@ -101,7 +107,8 @@ def unmerge(W_merged, A, B, m, scaling, norm):
     ‖V'‖_c cannot be recovered from W' alone (‖W'‖_c = |m| whatever V' was), so it must be kept
     at merge time. A row with m = 0 and ‖V'‖_c > 0 was erased by the merge and raises ValueError.
     """
-    check_dora_arguments(None, W_merged, A, B, m, names=("x", "W_merged", "A", "B", "m"))
+    check_dora_arguments(None, W_merged, A, B, m, names=("x", "W_merged", "A", "B", "m"),
+                         needs_x=False)
     check_array("norm", norm, 1)
     s = check_positive("scaling", scaling)
     if norm.shape[0] != W_merged.shape[0]:
