@@ -183,9 +183,12 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, lora_input=None):
     """Plain LoRA (Eq. 1): y = x W0^T + s·(x A^T) B^T + b, by ordinary autograd."""
     s = check_functional_arguments(x, weight, lora_A, lora_B, None, bias, scaling, use_dora=False)
-    lora_input = x if lora_input is None else lora_input
-    y = F.linear(x, weight, bias)  # (..., out)
-    return y + s * F.linear(F.linear(lora_input, lora_A), lora_B)
+    lead, in_features = x.shape[:-1], weight.shape[1]
+    x2 = x.reshape(-1, in_features)  # (T, in)
+    xa2 = x2 if lora_input is None else lora_input.reshape(-1, in_features)  # (T, in)
+    # one addmm adds s·(x A^T) B^T to the base output, without a scaled (T, out) temporary
+    y = torch.addmm(F.linear(x2, weight, bias), xa2 @ lora_A.T, lora_B.T, alpha=s)  # (T, out)
+    return y.reshape(*lead, weight.shape[0])
 
 
 def merged_weight(weight, lora_A, lora_B, magnitude, scaling, scale=None):

@@ -1,0 +1,250 @@
+"""python -m dora_minimal.bench: what an adapter costs next to the frozen layer it adapts.
+
+For one layer (same weights, same input) it times forward+backward and eval forward, and on CUDA
+measures peak memory beyond the parameters and the input, for:
+
+    frozen          the base linear, forward + input gradient: the floor any adapter pays
+    lora            this project's LoRA (DoRALinear, use_dora=False)
+    dora            this project's DoRA, norm detached (Eq. 11)
+    dora-exact      this project's DoRA, exact gradient (Eq. 6)
+    textbook        DoRA as the paper writes it: materialize V', plain autograd
+    peft-lora, peft-dora                    Hugging Face PEFT, adapters upcast to float32 (default)
+    peft-lora-keep, peft-dora-keep          PEFT with autocast_adapter_dtype=False
+    (the PEFT rows only when peft is importable; it is never a dependency)
+
+Times are medians over --repeat runs after warm-up (CUDA events on a GPU). Each row's ratio is
+to the floor, measured in the same run.
+"""
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+from torch.nn import functional as F
+
+from .layer import DoRALinear
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def make_layers(args, device, dtype):
+    """The base nn.Linear and our adapted layers, with B != 0 and m != ‖W0‖_c (trained-like)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(args.in_features, args.out_features, device=device, dtype=dtype)
+    base.requires_grad_(False)
+    dora = DoRALinear.from_linear(base, args.rank, args.alpha)
+    with torch.no_grad():
+        dora.lora_B.normal_(0, 0.01)
+        dora.magnitude.mul_(1.01)
+    exact = copy.deepcopy(dora)
+    exact.detach_norm = False
+    lora = DoRALinear.from_linear(base, args.rank, args.alpha, use_dora=False)
+    with torch.no_grad():
+        lora.lora_A.copy_(dora.lora_A)
+        lora.lora_B.copy_(dora.lora_B)
+    return base, {"lora": lora, "dora": dora, "dora-exact": exact}
+
+
+def textbook_dora(layer):
+    """DoRA as written in the paper: V' materialized, norm detached, autograd does the rest."""
+    def forward(x):
+        V = layer.weight + layer.scaling * layer.lora_B @ layer.lora_A  # (out, in)
+        norm = torch.linalg.vector_norm(V, dim=1).detach()
+        return F.linear(x, layer.magnitude.to(V.dtype)[:, None] * V / norm[:, None], layer.bias)
+    return forward
+
+
+def peft_layers(base, ours, args):
+    """PEFT's LoRA and DoRA on the same weights, when peft is importable (else {})."""
+    try:
+        import peft
+    except ImportError:
+        return {}
+    layers = {}
+    for use_dora in (False, True):
+        for keep in (False, True):
+            model = peft.get_peft_model(
+                torch.nn.Sequential(copy.deepcopy(base)),
+                peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=["0"],
+                                use_dora=use_dora),
+                autocast_adapter_dtype=not keep)
+            layer = model.base_model.model[0]
+            source = ours["dora" if use_dora else "lora"]
+            with torch.no_grad():
+                layer.lora_A["default"].weight.copy_(source.lora_A)
+                layer.lora_B["default"].weight.copy_(source.lora_B)
+                if use_dora:
+                    layer.lora_magnitude_vector["default"].weight.copy_(source.magnitude)
+            name = f"peft-{'dora' if use_dora else 'lora'}{'-keep' if keep else ''}"
+            layers[name] = model
+    return layers
+
+
+def timer(device):
+    """A function that runs fn and returns its time in ms (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def run(fn):
+            begin = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - begin)
+    return run
+
+
+def measure(functions, device, warmup, repeat):
+    """{name: (median ms, peak extra MiB or None)} of each fn() in `functions`.
+
+    The timed runs go round-robin (one run of each, `repeat` times), so that a machine that
+    speeds up or slows down during the run affects every variant alike.
+    """
+    clock, memory = timer(device), {}
+    for name, fn in functions.items():
+        for _ in range(warmup):
+            fn()
+        memory[name] = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            memory[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    times = {name: [] for name in functions}
+    for _ in range(repeat):
+        for name, fn in functions.items():
+            times[name].append(clock(fn))
+    return {name: (statistics.median(times[name]), memory[name]) for name in functions}
+
+
+def train_step(module, x, grad_y, parameters):
+    """forward + backward; then every gradient is freed, so none is accumulated into."""
+    def step():
+        module(x).backward(grad_y)
+        for p in parameters:
+            p.grad = None
+    return step
+
+
+def run(args):
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    base, ours = make_layers(args, device, dtype)
+    x = torch.randn(args.tokens, args.in_features, device=device, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(args.tokens, args.out_features, device=device, dtype=dtype)
+    train = {"frozen": base, **ours, "textbook": textbook_dora(ours["dora"])}
+    if not args.no_peft:
+        train.update(peft_layers(base, ours, args))
+
+    parameters = [x] + [p for m in train.values() if isinstance(m, torch.nn.Module)
+                        for p in m.parameters()]
+    steps = {name: train_step(module, x, grad_y, parameters) for name, module in train.items()}
+    rows = [{"variant": name, "phase": "fwd+bwd", "ms": ms, "extra_mib": mib}
+            for name, (ms, mib) in measure(steps, device, args.warmup, args.repeat).items()]
+
+    merged = ours["dora"].to_linear()
+    evaluation = {"frozen": base, "lora": ours["lora"], "dora": ours["dora"], "merged": merged}
+    for module in evaluation.values():
+        module.eval()
+    with torch.no_grad():
+        forwards = {name: (lambda module=module: module(x)) for name, module in evaluation.items()}
+        rows += [{"variant": name, "phase": "eval", "ms": ms, "extra_mib": mib}
+                 for name, (ms, mib) in measure(forwards, device, args.warmup,
+                                                args.repeat).items()]
+    accuracy = accuracy_against_float64(ours["dora"], x, grad_y) if args.check else None
+    for row in rows:
+        floor = next(r for r in rows if r["variant"] == "frozen" and r["phase"] == row["phase"])
+        row["x_floor"] = row["ms"] / floor["ms"]
+        if row["extra_mib"] is not None and floor["extra_mib"]:
+            row["mib_x_floor"] = row["extra_mib"] / floor["extra_mib"]
+    return {"config": vars(args), "device": device_name(device), "torch": torch.__version__,
+            "date": date.today().isoformat(), "rows": rows, "accuracy": accuracy}
+
+
+def accuracy_against_float64(layer, x, grad_y):
+    """Relative error (max|a-b| / max|b|) of DoRA's output and gradients against the same layer
+    in float64, on the same numbers."""
+    errors, results = {}, []
+    for dtype in (None, torch.float64):
+        module = copy.deepcopy(layer).train() if dtype is None else copy.deepcopy(layer).double()
+        inputs = x.detach().clone().to(dtype or x.dtype).requires_grad_()
+        y = module(inputs)
+        y.backward(grad_y.to(y.dtype))
+        results.append({"y": y.detach(), "x": inputs.grad, "lora_A": module.lora_A.grad,
+                        "lora_B": module.lora_B.grad, "magnitude": module.magnitude.grad})
+    for name, exact in results[1].items():
+        errors[name] = float((results[0][name].double() - exact).abs().max() / exact.abs().max())
+    return errors
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def format_table(result):
+    c = result["config"]
+    lines = [f"{result['device']}, torch {result['torch']}, {result['date']}: {c['dtype']}, "
+             f"in={c['in_features']}, out={c['out_features']}, tokens={c['tokens']}, "
+             f"r={c['rank']}, alpha={c['alpha']:g}",
+             f"{'phase':<8}{'variant':<16}{'ms':>9}{'x floor':>9}{'extra MiB':>11}{'x floor':>9}"]
+    for r in result["rows"]:
+        memory = (f"{r['extra_mib']:>11.0f}{r.get('mib_x_floor', float('nan')):>9.2f}"
+                  if r["extra_mib"] is not None else f"{'-':>11}{'-':>9}")
+        lines.append(f"{r['phase']:<8}{r['variant']:<16}{r['ms']:>9.3f}{r['x_floor']:>9.2f}"
+                     + memory)
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m dora_minimal.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--in-features", type=int, default=1024)
+    parser.add_argument("--out-features", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--repeat", type=int, default=20, help="timed runs (median is reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-peft", action="store_true", help="skip PEFT even if installed")
+    parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the accuracy check of DoRA against float64")
+    args = parser.parse_args(argv)
+    for name in ("in_features", "out_features", "tokens", "rank", "repeat"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, "
+                         f"got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU here")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = run(args)
+    print(format_table(result))
+    if result["accuracy"]:
+        print("DoRA vs float64, relative error: " + ", ".join(
+            f"{name} {error:.1e}" for name, error in result["accuracy"].items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
