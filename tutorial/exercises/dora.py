@@ -1,0 +1,82 @@
+"""Exercises: DoRA's four steps and their gradients, in NumPy. Fill in each function.
+
+Each function has the same name and signature as in dora_minimal.reference, and the same property
+tests check it. Run them against this file with
+
+    python -m pytest tests/test_reference.py --impl=exercises
+
+Every test fails until you start; solve the exercises in order (1 to 10), and run the tests
+after each one: `-k row_norm`, `-k decompose`, ... select one. Shapes follow torch.nn.Linear:
+W0 (out, in), A (r, in), B (out, r), m (out,), x (..., in). Use NumPy only.
+
+Stuck? tutorial/exercises/HINTS.md has one hint per exercise, kept apart so you can choose not to
+read it. The chapters of tutorial/ explain each equation.
+"""
+
+import numpy as np  # noqa: F401  (you will need it)
+
+
+def row_norm(W):
+    """Exercise 1. ‖W‖_c: the L2 norm of each output row of W (out, in) -> (out,).
+
+    Tests: test_row_norm_is_the_l2_norm_of_each_output_row, and two about extreme scales
+    (the norm of a row of 1e-30 in float32, of 1e20 in float64, must not under- or overflow).
+    """
+    raise NotImplementedError("exercise 1: row_norm")
+
+
+def decompose(W):
+    """Exercise 2 (Eq. 2). Return (m, direction): m = ‖W‖_c (out,) and direction = W / ‖W‖_c
+    (out, in) with unit rows. A row of zeros gets a zero direction, not NaN.
+    """
+    raise NotImplementedError("exercise 2: decompose")
+
+
+def adapt(W0, A, B, scaling):
+    """Exercise 3 (Eq. 5). Return V' = W0 + scaling · B A (out, in)."""
+    raise NotImplementedError("exercise 3: adapt")
+
+
+def recombine(m, V):
+    """Exercise 4 (Eq. 5). Return W' = m · V / ‖V‖_c (out, in): row j of V rescaled to length |m_j|.
+    A zero row of V gives a zero row of W'.
+    """
+    raise NotImplementedError("exercise 4: recombine")
+
+
+def merge(W0, A, B, m, scaling):
+    """Exercise 6 (step 4). Return the merged weight W' = m · V' / ‖V'‖_c with V' = W0 + s·B A."""
+    raise NotImplementedError("exercise 6: merge")
+
+
+def unmerge(W_merged, A, B, m, scaling, norm):
+    """Exercise 7. Undo merge: return W0, given W' and norm = the stored ‖V'‖_c (out,).
+    Raise ValueError for a row with m = 0 and norm > 0 (its W0 cannot be recovered).
+    """
+    raise NotImplementedError("exercise 7: unmerge")
+
+
+def forward(x, W0, A, B, m, scaling, bias=None):
+    """Exercise 5. The layer's output y (..., out) for x (..., in):
+    y = (m / ‖V'‖_c) ⊙ (x W0^T + s · (x A^T) B^T) + bias. A zero row of V' outputs its bias.
+    """
+    raise NotImplementedError("exercise 5: forward")
+
+
+def magnitude_grad(V, grad_W):
+    """Exercise 8 (Eq. 7). ∂L/∂m (out,) from V' (out, in) and ∂L/∂W' (out, in)."""
+    raise NotImplementedError("exercise 8: magnitude_grad")
+
+
+def adapted_weight_grad(V, m, grad_W, detach_norm=True):
+    """Exercise 9. ∂L/∂V' (out, in) from ∂L/∂W' (out, in): Eq. 11 if detach_norm (the norm is a
+    constant), else Eq. 6 (the exact gradient, projected orthogonal to each row of V').
+    """
+    raise NotImplementedError("exercise 9: adapted_weight_grad")
+
+
+def backward(x, W0, A, B, m, scaling, grad_y, detach_norm=True):
+    """Exercise 10. Gradients of L, given ∂L/∂y = grad_y (..., out) for y = forward(...).
+    Return {"x": (..., in), "A": (r, in), "B": (out, r), "m": (out,)}.
+    """
+    raise NotImplementedError("exercise 10: backward")
