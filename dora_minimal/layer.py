@@ -49,6 +49,8 @@ class DoRALinear(nn.Module):
         self.use_dora = check_bool("use_dora", use_dora)
         self.detach_norm = check_bool("detach_norm", detach_norm)
         check_bool("bias", bias)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         self.scaling = self.lora_alpha / self.r
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory),

@@ -3,6 +3,7 @@ DistributedDataParallel and torch.compile."""
 
 import copy
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -133,7 +134,10 @@ def test_adapter_state_dict_round_trip():
     target = dm.inject_adapters(toy_model(), config)
     x = torch.randn(3, 6, dtype=torch.float64)
     assert not torch.equal(target(x), source(x))
-    dm.load_adapter_state_dict(target, state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # through a file, as a user saves it
+    buffer.seek(0)
+    dm.load_adapter_state_dict(target, torch.load(buffer))
     assert torch.equal(target(x), source(x))
 
 

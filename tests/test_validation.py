@@ -123,6 +123,7 @@ def test_torch_dtype_and_device_mismatches():
     (dict(lora_dropout=-0.1), ValueError, "^lora_dropout"),
     (dict(in_features=0), ValueError, "^in_features: expected an integer >= 1, got 0"),
     (dict(use_dora=1), TypeError, "^use_dora: expected True or False"),
+    (dict(dtype=torch.int64), TypeError, "^dtype: expected a floating torch.dtype"),
 ])
 def test_layer_constructor_rejects_bad_hyperparameters(kwargs, error, message):
     arguments = dict(in_features=4, out_features=3, r=2, lora_alpha=4) | kwargs
