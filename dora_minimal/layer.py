@@ -211,12 +211,7 @@ class DoRALinear(nn.Module):
             if erased:
                 raise ValueError(f"merge(): rows {erased} have magnitude 0, so unmerge() could "
                                  f"not restore their W0; use to_linear() for a merged copy")
-        _check_finite("merge()", W, self.weight.dtype)
-        with torch.no_grad():
-            self.weight.copy_(W)
-        self._merged_norm = norm
-        self.merged = True
-        self._caches = {}
+        self._write_weight("merge()", W, merged=True, merged_norm=norm)
 
     def unmerge(self):
         """Restore W0 = W' · ‖V'‖_c / m - s·B A from the norm stored by merge()."""
@@ -228,11 +223,15 @@ class DoRALinear(nn.Module):
                                     .double())
             W = W * ratio[:, None]  # V' = W' · ‖V'‖_c / m
         W0 = torch.addmm(W, B, A, alpha=-self.scaling)  # W0 = V' - s·B A
-        _check_finite("unmerge()", W0, self.weight.dtype)
+        self._write_weight("unmerge()", W0, merged=False)
+
+    def _write_weight(self, what, W, merged, merged_norm=None):
+        """Write W into `weight` if it is finite in the layer's dtype, and record the state."""
+        _check_finite(what, W, self.weight.dtype)
         with torch.no_grad():
-            self.weight.copy_(W0)
-        self._merged_norm = None
-        self.merged = False
+            self.weight.copy_(W)
+        self._merged_norm = merged_norm
+        self.merged = merged
         self._caches = {}
 
     def to_linear(self):
