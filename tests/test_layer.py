@@ -224,6 +224,19 @@ def test_eval_paths_with_few_and_many_tokens_agree_with_training_path(tokens):
     assert rel_error(y_eval.numpy(), y_train.numpy()) < 1e-13
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens", [4, 300])
+def test_bf16_eval_paths_within_1e_2_of_float64(device, tokens):
+    layer = trained_layer(dtype=torch.bfloat16, device=device, in_features=64, out_features=32,
+                          r=4).eval()
+    x = torch.randn(tokens, 64, device=device, dtype=torch.bfloat16)
+    exact = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        y, expected = layer(x), exact(x.double())
+    assert y.dtype == torch.bfloat16
+    assert rel_error(y.double().cpu().numpy(), expected.cpu().numpy()) <= 1e-2
+
+
 # --- round trips ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("merged", [False, True])
