@@ -11,7 +11,7 @@ The same equations as dora_minimal.reference (read that first), computed the way
 Backward, with G = ∂L/∂y (T, out) and Gc = G ⊙ c:
     Eq. 7   ∂L/∂m = Σ_t G ⊙ y0 / ‖V'‖_c
     Eq. 11  ∂L/∂x = Gc W0 + s·(Gc B) A,  ∂L/∂B = s·Gc^T (x A^T),  ∂L/∂A = s·(Gc B)^T x
-    Eq. 6   exact mode adds the norm's path: ∂L/∂V'_j += k_j V'_j with k = -m ⊙ Σ_t(G ⊙ y0) / ‖V'‖_c³,
+    Eq. 6   exact mode adds the norm's path: ∂L/∂V'_j += k_j V'_j, k = -m ⊙ Σ_t(G ⊙ y0) / ‖V'‖_c³,
             so ∂L/∂B += s·k ⊙ (U + s·B AA^T) and ∂L/∂A += s·(k ⊙ B)^T (W0 + s·B A), the last
             product taken as (k ⊙ B)^T W0 + s·((k ⊙ B)^T B) A to keep away from (out, in).
 A row with ‖V'‖_c = 0 gets c = 0 and no gradient through its norm (the zero-row rule).
@@ -35,7 +35,7 @@ def _divide_or_zero(numerator, denominator):
 
 
 def weight_norm_sq(weight):
-    """‖W0‖_c² (out,) in the accumulation dtype: constant while W0 is frozen, so it can be cached."""
+    """‖W0‖_c² (out,) in the accumulation dtype: constant while W0 is frozen, so cacheable."""
     return torch.linalg.vector_norm(weight, dim=1, dtype=accumulation_dtype(weight.dtype)) ** 2
 
 
@@ -142,7 +142,7 @@ class DoRAFunction(torch.autograd.Function):
 def _check_same_device(**tensors):
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
-        raise ValueError(f"all tensors must be on one device, got "
+        raise ValueError("all tensors must be on one device, got "
                          + ", ".join(f"{n} on {d}" for n, d in devices.items()))
 
 

@@ -235,7 +235,7 @@ class DoRALinear(nn.Module):
         self._caches = {}
 
     def to_linear(self):
-        """A plain nn.Linear holding the merged weight W' (and the bias); this layer is unchanged."""
+        """A plain nn.Linear holding the merged weight W' and the bias; this layer is unchanged."""
         W = self.weight.detach().double() if self.merged else self._merge_math()[0]
         _check_finite("to_linear()", W, self.weight.dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
 
 from dora_minimal import dora_linear, lora_linear, reference
 from helpers import problems, rel_error
@@ -76,7 +76,8 @@ def test_gradcheck_exact_mode_and_the_exact_parts_of_detached_mode(device):
     torch.manual_seed(0)
     kw = dict(device=device, dtype=torch.float64)
     W0 = torch.randn(5, 4, **kw)
-    x, A = torch.randn(2, 3, 4, **kw, requires_grad=True), torch.randn(3, 4, **kw, requires_grad=True)
+    x = torch.randn(2, 3, 4, **kw, requires_grad=True)
+    A = torch.randn(3, 4, **kw, requires_grad=True)
     B = torch.randn(5, 3, **kw, requires_grad=True)
     m = (torch.linalg.vector_norm(W0, dim=1) * 1.2).requires_grad_()
     bias = torch.randn(5, **kw, requires_grad=True)
@@ -130,7 +131,8 @@ def test_adapter_input_gets_its_own_gradient():
 CASES = json.loads((DATA / "peft_lora_dora_float64.json").read_text())["cases"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['name']}-{'dora' if c['use_dora'] else 'lora'}")
+@pytest.mark.parametrize("case", CASES,
+                         ids=lambda c: f"{c['name']}-{'dora' if c['use_dora'] else 'lora'}")
 def test_agrees_with_peft_golden_vectors(case):
     data = np.load(DATA / "peft_lora_dora_float64.npz")
 
@@ -185,7 +187,8 @@ def test_half_precision_forward_and_backward_within_1e_2_of_float64(device, dtyp
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_1e_3_change_of_magnitude_moves_bf16_outputs_by_about_1e_3(device):
-    """c = m/‖V'‖_c is applied in float32: rounded to bf16 (step 2^-8) a 1e-3 change would vanish."""
+    """c = m/‖V'‖_c is applied in float32: rounded to bf16 (step 2^-7 near 1) a 1e-3 change
+    would vanish."""
     (x, W0, A, B, m), _, _ = half_problem(device, torch.bfloat16, tokens=256)
     y1 = dora_linear(x, W0, A, B, m, 2.0).double()
     y2 = dora_linear(x, W0, A, B, m * (1 + 1e-3), 2.0).double()
