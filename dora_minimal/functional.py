@@ -14,7 +14,9 @@ Backward, with G = ∂L/∂y (T, out) and Gc = G ⊙ c:
     Eq. 6   exact mode adds the norm's path: ∂L/∂V'_j += k_j V'_j, k = -m ⊙ Σ_t(G ⊙ y0) / ‖V'‖_c³,
             so ∂L/∂B += s·k ⊙ (U + s·B AA^T) and ∂L/∂A += s·(k ⊙ B)^T (W0 + s·B A), the last
             product taken as (k ⊙ B)^T W0 + s·((k ⊙ B)^T B) A to keep away from (out, in).
-A row with ‖V'‖_c = 0 gets c = 0 and no gradient through its norm (the zero-row rule).
+Backward forms G ⊙ c and G ⊙ y0 a block of tokens at a time, so that its peak memory is y0, y,
+∂L/∂x and a quarter of a (T, out) buffer. A row with ‖V'‖_c = 0 gets c = 0 and no gradient
+through its norm (the zero-row rule).
 """
 
 import torch
@@ -94,22 +96,29 @@ class DoRAFunction(torch.autograd.Function):
         s = ctx.scaling
         needs = ctx.needs_input_grad  # x, x_adapter, weight, A, B, m, bias, ...
         G = grad_y.reshape(-1, weight.shape[0])  # (T, out)
-        grad_x = grad_xa = grad_A = grad_B = grad_m = grad_bias = None
-
+        grad_xa = grad_A = grad_B = grad_m = grad_bias = None
         exact = not ctx.detach_norm and (needs[3] or needs[4])
-        if needs[5] or exact:
-            # Σ_t G ⊙ y0 (out,), accumulated in float32
-            g = (G * y0).sum(0, dtype=c.dtype)
+        g = torch.zeros_like(c) if needs[5] or exact else None  # Σ_t G ⊙ y0 (out,), float32
+        GcB = G.new_empty(G.shape[0], lora_B.shape[1])  # (T, r)
+        grad_x = torch.empty_like(x2) if needs[0] else None  # (T, in)
+        GcT_xA = torch.zeros(lora_B.shape, dtype=c.dtype, device=c.device)  # (out, r), float32
+        # One pass over blocks of tokens: G ⊙ c and G ⊙ y0 are formed a block at a time, so no
+        # (T, out) temporary is alive beside y0, y and ∂L/∂x.
+        for rows in _token_blocks(G.shape[0]):
+            if g is not None:
+                g += (G[rows] * y0[rows]).sum(0, dtype=g.dtype)
+            # Eq. 11: the gradient that reaches y0 is Gc = G ⊙ c
+            Gc = torch.mul(G[rows], c, out=torch.empty_like(G[rows]))  # (t, out)
+            torch.mm(Gc, lora_B, out=GcB[rows])
+            if grad_x is not None:
+                torch.mm(Gc, weight, out=grad_x[rows])  # ∂L/∂x = Gc W0 ...
+            if needs[4]:
+                GcT_xA += (Gc.T @ xA[rows]).to(GcT_xA.dtype)
+        if needs[5]:
             # Eq. 7: ∂L/∂m = Σ_t G ⊙ y0 / ‖V'‖_c
-            grad_m = _divide_or_zero(g, norm).to(magnitude.dtype) if needs[5] else None
-        # Eq. 11: the gradient that reaches y0 is G ⊙ c
-        Gc = torch.empty_like(G)
-        torch.mul(G, c, out=Gc)  # (T, out)
-        GcB = Gc @ lora_B  # (T, r)
-        if needs[0]:
-            # ∂L/∂x = Gc W0 (+ s·(Gc B) A when the adapter branch saw x itself)
-            grad_x = Gc @ weight  # (T, in)
-            if xa2 is None:
+            grad_m = _divide_or_zero(g, norm).to(magnitude.dtype)
+        if grad_x is not None:
+            if xa2 is None:  # ... + s·(Gc B) A when the adapter branch saw x itself
                 grad_x.addmm_(GcB, lora_A, alpha=s)
             grad_x = grad_x.reshape(*ctx.lead, weight.shape[1])
         if needs[1]:
@@ -118,7 +127,7 @@ class DoRAFunction(torch.autograd.Function):
         if needs[3]:
             grad_A = s * (GcB.T @ x_for_A)  # (r, in): s·(Gc B)^T x
         if needs[4]:
-            grad_B = s * (Gc.T @ xA)  # (out, r): s·Gc^T (x A^T)
+            grad_B = (s * GcT_xA).to(lora_B.dtype)  # (out, r): s·Gc^T (x A^T)
         if exact:
             # Eq. 6, the norm's path: ∂L/∂V'_j += k_j V'_j, k = -m Σ_t(G ⊙ y0) / ‖V'‖_c³
             k = _divide_or_zero(-magnitude.to(norm.dtype) * g, norm**3)  # (out,)
@@ -137,6 +146,13 @@ class DoRAFunction(torch.autograd.Function):
         if needs[6]:
             grad_bias = G.sum(0)
         return grad_x, grad_xa, None, grad_A, grad_B, grad_m, grad_bias, None, None, None
+
+
+def _token_blocks(tokens):
+    """Slices of the token axis for backward: a quarter of the tokens each (at least 512), so that
+    the (tokens, out) temporaries take a quarter of the memory and stay in cache longer."""
+    size = max(512, -(-tokens // 4))
+    return [slice(start, start + size) for start in range(0, tokens, size)]
 
 
 def _check_same_device(**tensors):

@@ -126,6 +126,32 @@ def test_adapter_input_gets_its_own_gradient():
     assert rel_error(gx.numpy(), ex.numpy()) < 1e-13 and rel_error(gxa.numpy(), exa.numpy()) < 1e-13
 
 
+@pytest.mark.parametrize("detach_norm", [True, False])
+@pytest.mark.parametrize("separate_adapter_input", [False, True])
+def test_backward_over_several_token_blocks_agrees_with_the_reference(detach_norm,
+                                                                      separate_adapter_input):
+    """Backward forms its (tokens, out) temporaries in blocks of >= 512 tokens: 1500 make three."""
+    rng = np.random.default_rng(4)
+    x, xa, G = (rng.standard_normal((3, 500, 6)), rng.standard_normal((3, 500, 6)),
+                rng.standard_normal((3, 500, 5)))
+    W0, A, B = rng.standard_normal((5, 6)), rng.standard_normal((2, 6)), rng.standard_normal((5, 2))
+    m = np.linalg.norm(W0, axis=1) * 1.1
+    t = [torch.tensor(v, requires_grad=True) for v in (x, xa, A, B, m)]
+    y = dora_linear(t[0], torch.tensor(W0), t[2], t[3], t[4], 1.5, detach_norm=detach_norm,
+                    lora_input=t[1] if separate_adapter_input else None)
+    y.backward(torch.tensor(G))
+    if separate_adapter_input:  # the reference's x is the one input; split its gradient by hand
+        c = m / np.linalg.norm(W0 + 1.5 * B @ A, axis=1)
+        expected_x = (G * c) @ W0
+        expected_xa = 1.5 * ((G * c) @ B) @ A
+        assert rel_error(t[0].grad.numpy(), expected_x) < 1e-12
+        assert rel_error(t[1].grad.numpy(), expected_xa) < 1e-12
+        return
+    expected = reference.backward(x, W0, A, B, m, 1.5, G, detach_norm)
+    for tensor, name in [(t[0], "x"), (t[2], "A"), (t[3], "B"), (t[4], "m")]:
+        assert rel_error(tensor.grad.numpy(), expected[name]) < 1e-12, name
+
+
 # --- PEFT golden vectors ----------------------------------------------------------------------
 
 CASES = json.loads((DATA / "peft_lora_dora_float64.json").read_text())["cases"]
