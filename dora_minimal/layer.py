@@ -17,8 +17,8 @@ from torch.nn import functional as F
 
 from .checks import check_bool, check_dropout, check_positive, check_positive_int, check_rank
 from .functional import (_divide_or_zero, accumulation_dtype, adapted_row_norm,
-                         check_functional_arguments,
-                         dora_linear, lora_linear, merged_weight, weight_norm_sq)
+                         check_functional_arguments, dora_linear, lora_linear, merged_weight,
+                         weight_norm_sq)
 
 
 def _version_key(*tensors):
