@@ -173,6 +173,7 @@ def backward(x, W0, A, B, m, scaling, grad_y, detach_norm=True):
     Returns {"x": (..., in), "A": (r, in), "B": (out, r), "m": (out,)}. W0 and the bias are frozen;
     the bias does not enter any of these gradients. detach_norm chooses Eq. 11 (True) or Eq. 6.
     """
+    check_array("grad_y", grad_y)  # required here (check_dora_arguments takes None as absent)
     check_dora_arguments(x, W0, A, B, m, None, grad_y)
     s = check_positive("scaling", scaling)
     detach_norm = check_bool("detach_norm", detach_norm)
