@@ -32,8 +32,7 @@ def accumulation_dtype(dtype):
 
 def _divide_or_zero(numerator, denominator):
     """numerator / denominator, and 0 where the denominator is 0 (the zero-row rule)."""
-    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
-    return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
+    return torch.where(denominator != 0, numerator / denominator, 0.0)
 
 
 def weight_norm_sq(weight):
@@ -54,7 +53,9 @@ def adapted_row_norm(weight, lora_A, lora_B, scaling, base_norm_sq=None):
     A, B = lora_A.to(acc), lora_B.to(acc)
     AAt = A @ A.T  # (r, r)
     # ‖w_j + s b_j A‖² = ‖w_j‖² + 2s b_j·(W0 A^T)_j + s² b_j (A A^T) b_j^T
-    norm_sq = base_norm_sq + 2 * scaling * (B * U).sum(1) + scaling**2 * ((B @ AAt) * B).sum(1)
+    #                  = ‖w_j‖² + s b_j·(2U + s B AA^T)_j
+    cross = torch.addmm(U, B, AAt, beta=2, alpha=scaling)  # (out, r): 2U + s·B AA^T
+    norm_sq = torch.add(base_norm_sq, (B * cross).sum(1), alpha=scaling)  # (out,)
     return norm_sq.clamp_min(0).sqrt(), U, AAt
 
 
@@ -201,11 +202,16 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, lora_input=None):
     """Plain LoRA (Eq. 1): y = x W0^T + s·(x A^T) B^T + b, by ordinary autograd."""
     s = check_functional_arguments(x, weight, lora_A, lora_B, None, bias, scaling, use_dora=False)
+    return lora_forward(x, weight, lora_A, lora_B, s, bias, lora_input)
+
+
+def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, lora_input=None):
+    """lora_linear without the argument checks (for callers that made them)."""
     lead, in_features = x.shape[:-1], weight.shape[1]
     x2 = x.reshape(-1, in_features)  # (T, in)
     xa2 = x2 if lora_input is None else lora_input.reshape(-1, in_features)  # (T, in)
     # one addmm adds s·(x A^T) B^T to the base output, without a scaled (T, out) temporary
-    y = torch.addmm(F.linear(x2, weight, bias), xa2 @ lora_A.T, lora_B.T, alpha=s)  # (T, out)
+    y = torch.addmm(F.linear(x2, weight, bias), xa2 @ lora_A.T, lora_B.T, alpha=scaling)
     return y.reshape(*lead, weight.shape[0])
 
 

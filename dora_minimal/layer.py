@@ -16,9 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checks import check_bool, check_dropout, check_positive, check_positive_int, check_rank
-from .functional import (_divide_or_zero, accumulation_dtype, adapted_row_norm,
-                         check_functional_arguments, dora_linear, lora_linear, merged_weight,
-                         weight_norm_sq)
+from .functional import (DoRAFunction, _divide_or_zero, accumulation_dtype, adapted_row_norm,
+                         check_functional_arguments, lora_forward, merged_weight, weight_norm_sq)
 
 
 def _version_key(*tensors):
@@ -156,21 +155,20 @@ class DoRALinear(nn.Module):
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x):
-        check_functional_arguments(x, self.weight, self.lora_A, self.lora_B, self.magnitude,
-                                   self.bias, self.scaling, self.use_dora)
+        s = check_functional_arguments(x, self.weight, self.lora_A, self.lora_B, self.magnitude,
+                                       self.bias, self.scaling, self.use_dora)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
         if not self.use_dora:
-            return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias,
-                               lora_input=lora_input)
+            return lora_forward(x, self.weight, self.lora_A, self.lora_B, s, self.bias, lora_input)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in (self.lora_A, self.lora_B,
                                                              self.magnitude)))
-        if self.training or needs_grad:
-            return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude,
-                               self.scaling, self.bias, self.detach_norm, lora_input=lora_input,
-                               base_norm_sq=self._base_norm_sq())
+        if self.training or needs_grad:  # checked above: straight to the autograd.Function
+            return DoRAFunction.apply(x, lora_input, self.weight, self.lora_A, self.lora_B,
+                                      self.magnitude, self.bias, s, self._base_norm_sq(),
+                                      self.detach_norm)
         return self._inference(x)
 
     def _inference(self, x):
