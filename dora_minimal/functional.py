@@ -84,10 +84,12 @@ class DoRAFunction(torch.autograd.Function):
             torch.mul(y0, c, out=y)
         else:
             torch.addcmul(bias, y0, c, out=y)
-        # y0 (T, out) is kept only for Eq. 7 and the exact mode's norm path
+        # y0 (T, out) is kept only for Eq. 7 and the exact mode's norm path, U and AAt only for
+        # the latter
         needs_y0 = ctx.needs_input_grad[5] or not detach_norm
         ctx.save_for_backward(x2, xa2 if x_adapter is not None else None, weight, lora_A, lora_B,
-                              magnitude, c, norm, xA, y0 if needs_y0 else None, U, AAt)
+                              magnitude, c, norm, xA, y0 if needs_y0 else None,
+                              *((None, None) if detach_norm else (U, AAt)))
         ctx.scaling, ctx.detach_norm, ctx.lead = scaling, detach_norm, lead
         return y.reshape(*lead, out_features)
 
