@@ -44,6 +44,13 @@ def recombine(m, V):
     raise NotImplementedError("exercise 4: recombine")
 
 
+def forward(x, W0, A, B, m, scaling, bias=None):
+    """Exercise 5. The layer's output y (..., out) for x (..., in):
+    y = (m / ‖V'‖_c) ⊙ (x W0^T + s · (x A^T) B^T) + bias. A zero row of V' outputs its bias.
+    """
+    raise NotImplementedError("exercise 5: forward")
+
+
 def merge(W0, A, B, m, scaling):
     """Exercise 6 (step 4). Return the merged weight W' = m · V' / ‖V'‖_c with V' = W0 + s·B A."""
     raise NotImplementedError("exercise 6: merge")
@@ -54,13 +61,6 @@ def unmerge(W_merged, A, B, m, scaling, norm):
     Raise ValueError for a row with m = 0 and norm > 0 (its W0 cannot be recovered).
     """
     raise NotImplementedError("exercise 7: unmerge")
-
-
-def forward(x, W0, A, B, m, scaling, bias=None):
-    """Exercise 5. The layer's output y (..., out) for x (..., in):
-    y = (m / ‖V'‖_c) ⊙ (x W0^T + s · (x A^T) B^T) + bias. A zero row of V' outputs its bias.
-    """
-    raise NotImplementedError("exercise 5: forward")
 
 
 def magnitude_grad(V, grad_W):
