@@ -80,6 +80,9 @@ def inject_adapters(model, config):
         raise TypeError(f"config: expected a dora_minimal.LoraConfig, got {type(config).__name__}")
     if adapter_layers(model):
         raise ValueError("model: already has adapter layers; merge_adapters() it first")
+    if isinstance(model, nn.Linear):
+        raise ValueError("model: is itself an nn.Linear, which cannot be replaced in place; "
+                         "use DoRALinear.from_linear(model, ...) or wrap it in a module")
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
                # nn.MultiheadAttention reads its out_proj's weight directly: not adaptable
                and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
@@ -93,12 +96,14 @@ def inject_adapters(model, config):
         targets = [n for n in linears if any(_matches(n, t) for t in config.target_modules)]
     if not targets:
         raise ValueError("model: has no nn.Linear layer to adapt")
+    adapters = [(name, DoRALinear.from_linear(model.get_submodule(name), config.r,
+                                              config.lora_alpha, config.lora_dropout,
+                                              config.use_dora))
+                for name in targets]  # all built before the model is touched
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for name in targets:
-        linear = model.get_submodule(name)
-        _replace(model, name, DoRALinear.from_linear(linear, config.r, config.lora_alpha,
-                                                     config.lora_dropout, config.use_dora))
+    for name, adapter in adapters:
+        _replace(model, name, adapter)
     return model
 
 

@@ -248,6 +248,10 @@ def test_lora_config_and_helpers_reject_wrong_types():
         dm.inject_adapters("model", dm.LoraConfig())
     with pytest.raises(TypeError, match="^config: expected a dora_minimal.LoraConfig"):
         dm.inject_adapters(torch.nn.Linear(2, 2), {"r": 2})
+    with pytest.raises(ValueError, match="^model: is itself an nn.Linear"):
+        dm.inject_adapters(torch.nn.Linear(2, 2), dm.LoraConfig(r=1))
+    with pytest.raises(ValueError, match="^model: has no nn.Linear layer to adapt"):
+        dm.inject_adapters(torch.nn.Sequential(torch.nn.ReLU()), dm.LoraConfig(r=1))
     model = dm.inject_adapters(torch.nn.Sequential(torch.nn.Linear(2, 2)), dm.LoraConfig(r=1))
     with pytest.raises(ValueError, match="already has adapter layers"):
         dm.inject_adapters(model, dm.LoraConfig(r=1))
