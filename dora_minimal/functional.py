@@ -181,6 +181,18 @@ def check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scali
     return check_positive("scaling", scaling)
 
 
+def autocast_dtype(x):
+    """The dtype torch.autocast computes linear layers in on x's device, or None when it is off."""
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def _caster(dtype):
+    """t -> t in `dtype` (differentiably), for floating tensors; anything else is left as it is."""
+    return lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
 def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach_norm=True,
                 *, lora_input=None, base_norm_sq=None):
     """DoRA's linear map y = (m / ‖W0 + s·B A‖_c) ⊙ (x W0^T + s·(x A^T) B^T) + b.
@@ -192,6 +204,13 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
     exact gradient (Eq. 6). lora_input: the adapter branch's input if not x (dropout(x)).
     base_norm_sq: ‖weight‖_c² (see weight_norm_sq), if cached.
     """
+    dtype = autocast_dtype(x)
+    if dtype is not None:  # run in autocast's dtype, as nn.Linear would; m and c stay float32
+        cast = _caster(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return dora_linear(cast(x), cast(weight), cast(lora_A), cast(lora_B), magnitude,
+                               scaling, cast(bias), detach_norm, lora_input=cast(lora_input),
+                               base_norm_sq=base_norm_sq)
     s = check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scaling)
     detach_norm = check_bool("detach_norm", detach_norm)
     if lora_input is not None and lora_input.shape != x.shape:
@@ -203,6 +222,12 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
 
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, lora_input=None):
     """Plain LoRA (Eq. 1): y = x W0^T + s·(x A^T) B^T + b, by ordinary autograd."""
+    dtype = autocast_dtype(x)
+    if dtype is not None:  # run in autocast's dtype, as nn.Linear would
+        cast = _caster(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(cast(x), cast(weight), cast(lora_A), cast(lora_B), scaling,
+                               cast(bias), lora_input=cast(lora_input))
     s = check_functional_arguments(x, weight, lora_A, lora_B, None, bias, scaling, use_dora=False)
     return lora_forward(x, weight, lora_A, lora_B, s, bias, lora_input)
 

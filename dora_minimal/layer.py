@@ -17,7 +17,8 @@ from torch.nn import functional as F
 
 from .checks import check_bool, check_dropout, check_positive, check_positive_int, check_rank
 from .functional import (DoRAFunction, _divide_or_zero, accumulation_dtype, adapted_row_norm,
-                         check_functional_arguments, lora_forward, merged_weight, weight_norm_sq)
+                         autocast_dtype, check_functional_arguments, dora_linear, lora_forward,
+                         lora_linear, merged_weight, weight_norm_sq)
 
 
 def _version_key(*tensors):
@@ -54,14 +55,16 @@ class DoRALinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory),
                                    requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
-                     if bias else None)
+        # register_parameter(name, None) keeps an absent bias or magnitude a known name, as in
+        # nn.Linear
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **factory),
+                                                     requires_grad=False) if bias else None)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
         # m is kept in float32 (float64 for a float64 layer): in bf16 a step of 1e-3 would vanish
         acc = accumulation_dtype(dtype or torch.get_default_dtype())
-        self.magnitude = (nn.Parameter(torch.empty(out_features, device=device, dtype=acc))
-                          if use_dora else None)
+        self.register_parameter("magnitude", nn.Parameter(torch.empty(
+            out_features, device=device, dtype=acc)) if use_dora else None)
         self.dropout = nn.Dropout(self.lora_dropout) if self.lora_dropout > 0 else nn.Identity()
         self.merged = False
         self._merged_norm = None  # ‖V'‖_c at merge time, what unmerge() needs
@@ -155,6 +158,8 @@ class DoRALinear(nn.Module):
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x):
+        if autocast_dtype(x) is not None:
+            return self._autocast_forward(x)
         s = check_functional_arguments(x, self.weight, self.lora_A, self.lora_B, self.magnitude,
                                        self.bias, self.scaling, self.use_dora)
         if self.merged:
@@ -170,6 +175,19 @@ class DoRALinear(nn.Module):
                                       self.magnitude, self.bias, s, self._base_norm_sq(),
                                       self.detach_norm)
         return self._inference(x)
+
+    def _autocast_forward(self, x):
+        """Under torch.autocast: the functional forms, which compute in autocast's dtype (the
+        magnitude, norms and scale stay float32). No eval cache here."""
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
+        if not self.use_dora:
+            return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias,
+                               lora_input=lora_input)
+        return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude, self.scaling,
+                           self.bias, self.detach_norm, lora_input=lora_input,
+                           base_norm_sq=self._base_norm_sq())
 
     def _inference(self, x):
         """Eval mode without gradients, with the cached scale c. With at least as many tokens as
