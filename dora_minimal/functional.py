@@ -242,14 +242,11 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, lora_input=None)
     return y.reshape(*lead, weight.shape[0])
 
 
-def merged_weight(weight, lora_A, lora_B, magnitude, scaling, scale=None):
-    """W' = c ⊙ (W0 + s·B A) (out, in), c = m / ‖V'‖_c (or the given cached `scale`), in W0's dtype.
+def merged_weight(weight, lora_A, lora_B, scale, scaling):
+    """W' = c ⊙ (W0 + s·B A) (out, in) in W0's dtype, given the scale c = m / ‖V'‖_c (out,).
 
     The product with c is taken in float32 and rounded once. This forms (out, in): it is for
-    merging and for inference, not for training.
+    inference without gradients, not for training (merge() works in float64 instead).
     """
-    if scale is None:
-        norm = adapted_row_norm(weight, lora_A, lora_B, scaling)[0]
-        scale = _divide_or_zero(magnitude.to(norm.dtype), norm)
     V = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # (out, in): W0 + s·B A
     return torch.mul(V, scale[:, None], out=V)

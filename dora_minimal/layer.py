@@ -196,8 +196,7 @@ class DoRALinear(nn.Module):
         scale = self._eval_scale()  # (out,)
         tokens = x.numel() // self.in_features
         if tokens >= self.in_features:
-            W = merged_weight(self.weight, self.lora_A, self.lora_B, self.magnitude, self.scaling,
-                              scale)  # (out, in)
+            W = merged_weight(self.weight, self.lora_A, self.lora_B, scale, self.scaling)
             return F.linear(x, W, self.bias)
         y0 = F.linear(x, self.weight)  # (..., out)
         y0 = y0 + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
