@@ -158,13 +158,20 @@ class DoRALinear(nn.Module):
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x):
-        if autocast_dtype(x) is not None:
-            return self._autocast_forward(x)
-        s = check_functional_arguments(x, self.weight, self.lora_A, self.lora_B, self.magnitude,
-                                       self.bias, self.scaling, self.use_dora)
+        autocast = autocast_dtype(x) is not None
+        if not autocast:  # (under autocast the functional forms below check, after casting)
+            s = check_functional_arguments(x, self.weight, self.lora_A, self.lora_B,
+                                           self.magnitude, self.bias, self.scaling, self.use_dora)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
+        if autocast:  # they compute in autocast's dtype; m, the norms and c stay float32
+            if not self.use_dora:
+                return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling,
+                                   self.bias, lora_input=lora_input)
+            return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude,
+                               self.scaling, self.bias, self.detach_norm, lora_input=lora_input,
+                               base_norm_sq=self._base_norm_sq())
         if not self.use_dora:
             return lora_forward(x, self.weight, self.lora_A, self.lora_B, s, self.bias, lora_input)
         needs_grad = torch.is_grad_enabled() and (
@@ -175,19 +182,6 @@ class DoRALinear(nn.Module):
                                       self.magnitude, self.bias, s, self._base_norm_sq(),
                                       self.detach_norm)
         return self._inference(x)
-
-    def _autocast_forward(self, x):
-        """Under torch.autocast: the functional forms, which compute in autocast's dtype (the
-        magnitude, norms and scale stay float32). No eval cache here."""
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
-        if not self.use_dora:
-            return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias,
-                               lora_input=lora_input)
-        return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude, self.scaling,
-                           self.bias, self.detach_norm, lora_input=lora_input,
-                           base_norm_sq=self._base_norm_sq())
 
     def _inference(self, x):
         """Eval mode without gradients, with the cached scale c. With at least as many tokens as
