@@ -104,7 +104,8 @@ class DoRAFunction(torch.autograd.Function):
         g = torch.zeros_like(c) if needs[5] or exact else None  # Σ_t G ⊙ y0 (out,), float32
         GcB = G.new_empty(G.shape[0], lora_B.shape[1])  # (T, r)
         grad_x = torch.empty_like(x2) if needs[0] else None  # (T, in)
-        GcT_xA = torch.zeros(lora_B.shape, dtype=c.dtype, device=c.device)  # (out, r), float32
+        GcT_xA = (torch.zeros(lora_B.shape, dtype=c.dtype, device=c.device)  # (out, r), float32
+                  if needs[4] else None)
         # One pass over blocks of tokens: G ⊙ c and G ⊙ y0 are formed a block at a time, so no
         # (T, out) temporary is alive beside y0, y and ∂L/∂x.
         for rows in _token_blocks(G.shape[0]):
@@ -115,7 +116,7 @@ class DoRAFunction(torch.autograd.Function):
             torch.mm(Gc, lora_B, out=GcB[rows])
             if grad_x is not None:
                 torch.mm(Gc, weight, out=grad_x[rows])  # ∂L/∂x = Gc W0 ...
-            if needs[4]:
+            if GcT_xA is not None:
                 GcT_xA += (Gc.T @ xA[rows]).to(GcT_xA.dtype)
         if needs[5]:
             # Eq. 7: ∂L/∂m = Σ_t G ⊙ y0 / ‖V'‖_c
