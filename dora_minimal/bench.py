@@ -12,8 +12,10 @@ measures peak memory beyond the parameters and the input, for:
     peft-lora-keep, peft-dora-keep          PEFT with autocast_adapter_dtype=False
     (the PEFT rows only when peft is importable; it is never a dependency)
 
-Times are medians over --repeat runs after warm-up (CUDA events on a GPU). Each row's ratio is
-to the floor, measured in the same run.
+Times are medians over --repeat runs after warm-up (CUDA events on a GPU). Memory is the CUDA
+allocator's peak on a GPU; elsewhere it is counted (PeakMemory: the bytes of tensors alive at
+once). Each row's ratio is to the floor, measured in the same run. `--device meta` counts memory
+at any size without computing anything (and times nothing).
 """
 
 import argparse
@@ -22,10 +24,13 @@ import json
 import platform
 import statistics
 import time
+import weakref
 from datetime import date
 
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .layer import DoRALinear
 
@@ -104,8 +109,57 @@ def timer(device):
     return run
 
 
+class PeakMemory(TorchDispatchMode):
+    """Inside `with PeakMemory() as memory:`, memory.peak is the most bytes that tensors created
+    inside it took at one time: what torch.cuda.max_memory_allocated counts on a GPU (less its
+    rounding), but on any device, meta included. A tensor counts by its storage, once, until it
+    is freed. One difference: autograd does not add two gradients of one tensor in place while
+    such a mode is on, so a model whose input gets gradients from two branches counts one
+    gradient more than a GPU holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._counted = set()
+
+    def _free(self, key, size):
+        self.live -= size
+        self._counted.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(result):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata  # a view, an in-place or out= result shares its input's storage
+            if key not in inputs and key not in self._counted:
+                self._counted.add(key)
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self._free, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return result
+
+
+def peak_memory_mib(fn, device):
+    """Peak memory of fn() beyond what was allocated before it, in MiB: the CUDA allocator's
+    on a GPU, else counted by PeakMemory."""
+    if device.type != "cuda":
+        with PeakMemory() as memory:
+            fn()
+        return memory.peak / 2**20
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def measure(functions, device, warmup, repeat):
-    """{name: (median ms, peak extra MiB or None)} of each fn() in `functions`.
+    """{name: (median ms or None on meta, peak extra MiB)} of each fn() in `functions`.
 
     The timed runs go round-robin (one run of each, `repeat` times), so that a machine that
     speeds up or slows down during the run affects every variant alike.
@@ -114,14 +168,9 @@ def measure(functions, device, warmup, repeat):
     for name, fn in functions.items():
         for _ in range(warmup):
             fn()
-        memory[name] = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            memory[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        memory[name] = peak_memory_mib(fn, device)
+    if device.type == "meta":  # nothing is computed there, so there is nothing to time
+        return {name: (None, memory[name]) for name in functions}
     times = {name: [] for name in functions}
     for _ in range(repeat):
         for name, fn in functions.items():
@@ -153,7 +202,8 @@ def run(args):
     rows = [{"variant": name, "phase": "fwd+bwd", "ms": ms, "extra_mib": mib}
             for name, (ms, mib) in measure(steps, device, args.warmup, args.repeat).items()]
 
-    merged = ours["dora"].to_linear()
+    # (meta tensors hold no values to merge; a merged layer has the base layer's shapes)
+    merged = ours["dora"].to_linear() if device.type != "meta" else copy.deepcopy(base)
     evaluation = {"frozen": base, "lora": ours["lora"], "dora": ours["dora"], "merged": merged}
     for module in evaluation.values():
         module.eval()
@@ -162,14 +212,17 @@ def run(args):
         rows += [{"variant": name, "phase": "eval", "ms": ms, "extra_mib": mib}
                  for name, (ms, mib) in measure(forwards, device, args.warmup,
                                                 args.repeat).items()]
-    accuracy = accuracy_against_float64(ours["dora"], x, grad_y) if args.check else None
+    check = args.check and device.type != "meta"  # meta tensors hold no numbers to check
+    accuracy = accuracy_against_float64(ours["dora"], x, grad_y) if check else None
     for row in rows:
         floor = next(r for r in rows if r["variant"] == "frozen" and r["phase"] == row["phase"])
-        row["x_floor"] = row["ms"] / floor["ms"]
-        if row["extra_mib"] is not None and floor["extra_mib"]:
+        row["x_floor"] = None if row["ms"] is None else row["ms"] / floor["ms"]
+        if floor["extra_mib"]:
             row["mib_x_floor"] = row["extra_mib"] / floor["extra_mib"]
+    memory = "CUDA allocator's peak" if device.type == "cuda" else "counted (PeakMemory)"
     return {"config": vars(args), "device": device_name(device), "torch": torch.__version__,
-            "date": date.today().isoformat(), "rows": rows, "accuracy": accuracy}
+            "date": date.today().isoformat(), "rows": rows, "memory": memory,
+            "accuracy": accuracy}
 
 
 def accuracy_against_float64(layer, x, grad_y):
@@ -201,11 +254,10 @@ def format_table(result):
              f"r={c['rank']}, alpha={c['alpha']:g}",
              f"{'phase':<8}{'variant':<16}{'ms':>9}{'x floor':>9}{'extra MiB':>11}{'x floor':>9}"]
     for r in result["rows"]:
-        memory = (f"{r['extra_mib']:>11.0f}{r.get('mib_x_floor', float('nan')):>9.2f}"
-                  if r["extra_mib"] is not None else f"{'-':>11}{'-':>9}")
-        lines.append(f"{r['phase']:<8}{r['variant']:<16}{r['ms']:>9.3f}{r['x_floor']:>9.2f}"
-                     + memory)
-    return "\n".join(lines)
+        time = f"{r['ms']:>9.3f}{r['x_floor']:>9.2f}" if r["ms"] is not None else f"{'-':>9}" * 2
+        lines.append(f"{r['phase']:<8}{r['variant']:<16}{time}{r['extra_mib']:>11.1f}"
+                     f"{r.get('mib_x_floor', float('nan')):>9.2f}")
+    return "\n".join(lines + [f"memory: {result['memory']}"])
 
 
 def parse_args(argv=None):

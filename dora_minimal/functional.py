@@ -184,7 +184,8 @@ def check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scali
 
 def autocast_dtype(x):
     """The dtype torch.autocast computes linear layers in on x's device, or None when it is off."""
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if (isinstance(x, torch.Tensor) and torch.amp.is_autocast_available(x.device.type)
+            and torch.is_autocast_enabled(x.device.type)):
         return torch.get_autocast_dtype(x.device.type)
     return None
 

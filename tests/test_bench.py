@@ -32,3 +32,29 @@ def test_bench_layers_compute_the_same_function():
     assert torch.allclose(bench.textbook_dora(ours["dora"])(x), y, rtol=1e-12, atol=1e-12)
     assert torch.allclose(ours["dora-exact"](x), y, rtol=0, atol=0)
     assert not torch.allclose(base(x), y)
+
+
+def test_bench_on_meta_counts_memory_at_full_size_without_computing(capsys):
+    """Meta tensors have shapes and no values: memory is counted at a size this machine could not
+    compute in a test, and no time is reported."""
+    bench.main(["--device", "meta", "--dtype", "bfloat16", "--in-features", "4096",
+                "--out-features", "4096", "--tokens", "8192", "--no-peft"])
+    printed = capsys.readouterr().out
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in printed.splitlines()[2:-1]}
+    # the floor holds y (8192, 4096) and ∂L/∂x (8192, 4096) in bf16: 64 + 64 MiB; no times
+    assert rows["fwd+bwd", "frozen"] == ["-", "-", "128.0", "1.00"]
+    assert float(rows["fwd+bwd", "dora"][2]) < 2 * 128
+    assert "counted" in printed.splitlines()[-1]
+
+
+def test_peak_memory_counts_live_tensors_once_and_not_views():
+    with bench.PeakMemory() as memory:
+        a = torch.empty(1000)  # 4000 bytes
+        b = torch.empty(500)  # 2000
+        view = a[:10]  # a view and an in-place result: nothing new
+        b.add_(1)
+        del a, view
+        c = torch.empty(200)  # 800, after a's 4000 were freed
+    assert memory.peak == 6000 and memory.live == 2800
+    del b, c
+    assert memory.live == 0
