@@ -10,13 +10,15 @@ The same equations as dora_minimal.reference (read that first), computed the way
 
 Backward, with G = ∂L/∂y (T, out) and Gc = G ⊙ c:
     Eq. 7   ∂L/∂m = Σ_t G ⊙ y0 / ‖V'‖_c
-    Eq. 11  ∂L/∂x = Gc W0 + s·(Gc B) A,  ∂L/∂B = s·Gc^T (x A^T),  ∂L/∂A = s·(Gc B)^T x
+    Eq. 11  ∂L/∂x = Gc W0 + s·(Gc B) A,  ∂L/∂A = s·(Gc B)^T x,
+            ∂L/∂B = s·Gc^T (x A^T) = s·c ⊙ G^T (x A^T)
     Eq. 6   exact mode adds the norm's path: ∂L/∂V'_j += k_j V'_j, k = -m ⊙ Σ_t(G ⊙ y0) / ‖V'‖_c³,
             so ∂L/∂B += s·k ⊙ (U + s·B AA^T) and ∂L/∂A += s·(k ⊙ B)^T (W0 + s·B A), the last
             product taken as (k ⊙ B)^T W0 + s·((k ⊙ B)^T B) A to keep away from (out, in).
-Backward forms G ⊙ c and G ⊙ y0 a block of tokens at a time, so that its peak memory is y0, y,
-∂L/∂x and a quarter of a (T, out) buffer. A row with ‖V'‖_c = 0 gets c = 0 and no gradient
-through its norm (the zero-row rule).
+Forward lets the big product add onto the low-rank one, so y0 is written once. Backward forms
+G ⊙ c and G ⊙ y0 a block of tokens at a time, in one buffer: its peak memory is y0, y, ∂L/∂x and
+at most a quarter of a (T, out) tensor. A row with ‖V'‖_c = 0 gets c = 0 and no gradient through
+its norm (the zero-row rule).
 """
 
 import torch
@@ -71,13 +73,14 @@ class DoRAFunction(torch.autograd.Function):
         lead, in_features, out_features = x.shape[:-1], weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, in_features)  # (T, in)
         xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, in_features)  # (T, in)
+        xA = xa2 @ lora_A.T  # (T, r)
+        # y0 = s·(x A^T) B^T + x W0^T: the big product adds onto the low-rank one inside the
+        # matmul (beta = s), so y0 is written once and not read again until y
+        y0 = xA @ lora_B.T  # (T, out)
+        y0.addmm_(x2, weight.T, beta=scaling)
         norm, U, AAt = adapted_row_norm(weight, lora_A, lora_B, scaling, base_norm_sq)  # (out,)
         # c = m / ‖V'‖_c, kept in float32 so a small change of m survives in bf16
         c = _divide_or_zero(magnitude.to(norm.dtype), norm)  # (out,)
-        xA = xa2 @ lora_A.T  # (T, r)
-        # y0 = x W0^T + s·(x A^T) B^T
-        y0 = x2 @ weight.T  # (T, out)
-        y0.addmm_(xA, lora_B.T, alpha=scaling)
         # y = c ⊙ y0 + b: the product is taken in float32 and rounded once to x's dtype
         y = torch.empty_like(y0)
         if bias is None:
@@ -101,37 +104,44 @@ class DoRAFunction(torch.autograd.Function):
         G = grad_y.reshape(-1, weight.shape[0])  # (T, out)
         grad_xa = grad_A = grad_B = grad_m = grad_bias = None
         exact = not ctx.detach_norm and (needs[3] or needs[4])
-        g = torch.zeros_like(c) if needs[5] or exact else None  # Σ_t G ⊙ y0 (out,), float32
-        GcB = G.new_empty(G.shape[0], lora_B.shape[1])  # (T, r)
+        tokens, out_features = G.shape
+        size = _block_tokens(tokens, weight.shape[1], out_features)
+        starts = range(0, tokens, size)
+        # Σ_t G ⊙ y0 (out,) is summed a block at a time, in float32, one row per block
+        block_sums = c.new_empty(len(starts), out_features) if needs[5] or exact else None
+        GcB = G.new_empty(tokens, lora_B.shape[1]) if needs[0] or needs[1] or needs[3] else None
         grad_x = torch.empty_like(x2) if needs[0] else None  # (T, in)
-        GcT_xA = (torch.zeros(lora_B.shape, dtype=c.dtype, device=c.device)  # (out, r), float32
-                  if needs[4] else None)
-        # One pass over blocks of tokens: G ⊙ c and G ⊙ y0 are formed a block at a time, so no
-        # (T, out) temporary is alive beside y0, y and ∂L/∂x.
-        for rows in _token_blocks(G.shape[0]):
-            if g is not None:
-                g += (G[rows] * y0[rows]).sum(0, dtype=g.dtype)
-            # Eq. 11: the gradient that reaches y0 is Gc = G ⊙ c
-            Gc = torch.mul(G[rows], c, out=torch.empty_like(G[rows]))  # (t, out)
-            torch.mm(Gc, lora_B, out=GcB[rows])
-            if grad_x is not None:
-                torch.mm(Gc, weight, out=grad_x[rows])  # ∂L/∂x = Gc W0 ...
-            if GcT_xA is not None:
-                GcT_xA += (Gc.T @ xA[rows]).to(GcT_xA.dtype)
+        # One pass over blocks of tokens, with one (t, out) buffer for G ⊙ c and then G ⊙ y0, so
+        # that no (T, out) temporary is alive beside y0, y and ∂L/∂x.
+        buffer = G.new_empty(min(size, tokens), out_features)  # (t, out)
+        for i, start in enumerate(starts):
+            rows = slice(start, start + size)
+            G_rows = G[rows]  # (t, out)
+            Gc = torch.mul(G_rows, c, out=buffer[:len(G_rows)])  # Eq. 11: Gc = G ⊙ c
+            if GcB is not None:
+                torch.mm(Gc, lora_B, out=GcB[rows])
+            if grad_x is not None:  # ∂L/∂x = s·(Gc B) A + Gc W0, the big product adding on
+                if xa2 is None:
+                    torch.mm(GcB[rows], lora_A, out=grad_x[rows])
+                    grad_x[rows].addmm_(Gc, weight, beta=s)
+                else:  # the adapter branch saw dropout(x): its part goes to ∂L/∂x_a below
+                    torch.mm(Gc, weight, out=grad_x[rows])
+            if block_sums is not None:  # the buffer now takes G ⊙ y0, after Gc's last use
+                product = torch.mul(G_rows, y0[rows], out=buffer[:len(G_rows)])
+                torch.sum(product, 0, dtype=block_sums.dtype, out=block_sums[i])
+        g = block_sums.sum(0) if block_sums is not None else None  # Σ_t G ⊙ y0 (out,)
         if needs[5]:
             # Eq. 7: ∂L/∂m = Σ_t G ⊙ y0 / ‖V'‖_c
             grad_m = _divide_or_zero(g, norm).to(magnitude.dtype)
         if grad_x is not None:
-            if xa2 is None:  # ... + s·(Gc B) A when the adapter branch saw x itself
-                grad_x.addmm_(GcB, lora_A, alpha=s)
             grad_x = grad_x.reshape(*ctx.lead, weight.shape[1])
         if needs[1]:
             grad_xa = (s * (GcB @ lora_A)).reshape(*ctx.lead, weight.shape[1])  # (..., in)
-        x_for_A = x2 if xa2 is None else xa2
         if needs[3]:
-            grad_A = s * (GcB.T @ x_for_A)  # (r, in): s·(Gc B)^T x
+            grad_A = s * (GcB.T @ (x2 if xa2 is None else xa2))  # (r, in): s·(Gc B)^T x
         if needs[4]:
-            grad_B = (s * GcT_xA).to(lora_B.dtype)  # (out, r): s·Gc^T (x A^T)
+            # s·Gc^T (x A^T) = s·c ⊙ G^T (x A^T) (out, r), from G in one product
+            grad_B = torch.mm(G.T, xA).mul_((s * c)[:, None])
         if exact:
             # Eq. 6, the norm's path: ∂L/∂V'_j += k_j V'_j, k = -m Σ_t(G ⊙ y0) / ‖V'‖_c³
             k = _divide_or_zero(-magnitude.to(norm.dtype) * g, norm**3)  # (out,)
@@ -152,11 +162,12 @@ class DoRAFunction(torch.autograd.Function):
         return grad_x, grad_xa, None, grad_A, grad_B, grad_m, grad_bias, None, None, None
 
 
-def _token_blocks(tokens):
-    """Slices of the token axis for backward: a quarter of the tokens each (at least 512), so that
-    the (tokens, out) temporaries take a quarter of the memory and stay in cache longer."""
-    size = max(512, -(-tokens // 4))
-    return [slice(start, start + size) for start in range(0, tokens, size)]
+def _block_tokens(tokens, in_features, out_features):
+    """Tokens per block of backward: a quarter of them, and no more than makes the (t, out) buffer
+    half the size of ∂L/∂x (T, in) when out > 2·in; a multiple of 256, at least 512. Small blocks
+    keep the buffer small and in cache; big ones keep the products with W0 efficient."""
+    size = min(tokens // 4, tokens * in_features // (2 * out_features))
+    return max(512, size - size % 256)
 
 
 def _check_same_device(**tensors):
@@ -239,8 +250,8 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, lora_input=None)
     lead, in_features = x.shape[:-1], weight.shape[1]
     x2 = x.reshape(-1, in_features)  # (T, in)
     xa2 = x2 if lora_input is None else lora_input.reshape(-1, in_features)  # (T, in)
-    # one addmm adds s·(x A^T) B^T to the base output, without a scaled (T, out) temporary
-    y = torch.addmm(F.linear(x2, weight, bias), xa2 @ lora_A.T, lora_B.T, alpha=scaling)
+    # s·(x A^T) B^T is added onto the base output in place: one (T, out) tensor, not two
+    y = F.linear(x2, weight, bias).addmm_(xa2 @ lora_A.T, lora_B.T, alpha=scaling)
     return y.reshape(*lead, weight.shape[0])
 
 

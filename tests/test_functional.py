@@ -13,6 +13,7 @@ import torch
 from hypothesis import given
 
 from dora_minimal import dora_linear, lora_linear, reference
+from dora_minimal.bench import PeakMemory
 from helpers import problems, rel_error
 
 DATA = Path(__file__).parent / "data"
@@ -150,6 +151,40 @@ def test_backward_over_several_token_blocks_agrees_with_the_reference(detach_nor
     expected = reference.backward(x, W0, A, B, m, 1.5, G, detach_norm)
     for tensor, name in [(t[0], "x"), (t[2], "A"), (t[3], "B"), (t[4], "m")]:
         assert rel_error(tensor.grad.numpy(), expected[name]) < 1e-12, name
+
+
+def training_inputs(tokens, in_features, out_features, r):
+    """Random float64 inputs of one training step: x, W0, A, B, m (trainable but W0), and G."""
+    generator = torch.Generator().manual_seed(0)
+    def randn(*shape, grad=True):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(grad)
+    return (randn(tokens, in_features), randn(out_features, in_features, grad=False),
+            randn(r, in_features), randn(out_features, r), randn(out_features),
+            randn(tokens, out_features, grad=False))
+
+
+def test_forward_never_forms_an_out_by_in_tensor():
+    """The factored norm: forward's new tensors are y0 and y (T, out) and pieces r wide or (out,)
+    long. V' (out, in) would be 16 times y's size here."""
+    T, n_in, n_out, r = 16, 256, 256, 2
+    x, W0, A, B, m, _ = training_inputs(T, n_in, n_out, r)
+    with PeakMemory() as memory:
+        dora_linear(x, W0, A, B, m, 2.0)
+    assert memory.peak <= 8 * (2 * T * n_out + (T + 4 * n_out) * r + 16 * n_out)
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_backward_holds_one_block_of_tokens_at_a_time(detach_norm):
+    """Backward's (T, out) temporaries are formed a block of tokens at a time, in one buffer: at
+    its peak it holds ∂L/∂x, one block (512 tokens here, where out = 8·in) and pieces r wide or
+    (out,) long, nothing of size (T, out). Two blocks alive at once would not fit."""
+    T, n_in, n_out, r = 4096, 8, 64, 2
+    x, W0, A, B, m, G = training_inputs(T, n_in, n_out, r)
+    y = dora_linear(x, W0, A, B, m, 2.0, detach_norm=detach_norm)
+    with PeakMemory() as memory:
+        torch.autograd.grad(y, (x, A, B, m), G)
+    assert memory.peak <= 8 * (T * n_in + 512 * n_out + T * r + 4 * (n_in + n_out) * r
+                               + 16 * n_out)
 
 
 # --- PEFT golden vectors ----------------------------------------------------------------------
