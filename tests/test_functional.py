@@ -177,14 +177,19 @@ def test_forward_never_forms_an_out_by_in_tensor():
 def test_backward_holds_one_block_of_tokens_at_a_time(detach_norm):
     """Backward's (T, out) temporaries are formed a block of tokens at a time, in one buffer: at
     its peak it holds ∂L/∂x, one block (512 tokens here, where out = 8·in) and pieces r wide or
-    (out,) long, nothing of size (T, out). Two blocks alive at once would not fit."""
-    T, n_in, n_out, r = 4096, 8, 64, 2
+    (out,) long, nothing of size (T, out). Two blocks alive at once would not fit. The eight
+    blocks (the last one short) give the gradients of plain autograd on the textbook formula."""
+    T, n_in, n_out, r = 4000, 8, 64, 2
     x, W0, A, B, m, G = training_inputs(T, n_in, n_out, r)
     y = dora_linear(x, W0, A, B, m, 2.0, detach_norm=detach_norm)
     with PeakMemory() as memory:
-        torch.autograd.grad(y, (x, A, B, m), G)
+        grads = torch.autograd.grad(y, (x, A, B, m), G)
     assert memory.peak <= 8 * (T * n_in + 512 * n_out + T * r + 4 * (n_in + n_out) * r
                                + 16 * n_out)
+    expected = torch.autograd.grad(textbook_dora(x, W0, A, B, m, 2.0, None, detach_norm),
+                                   (x, A, B, m), G)
+    for name, got, want in zip("xABm", grads, expected):
+        assert rel_error(got.numpy(), want.numpy()) < 1e-12, name
 
 
 # --- PEFT golden vectors ----------------------------------------------------------------------
