@@ -1,6 +1,9 @@
 """python -m dora_minimal.bench at a tiny size: a smoke test of the command, not a timing test."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -58,3 +61,15 @@ def test_peak_memory_counts_live_tensors_once_and_not_views():
     assert memory.peak == 6000 and memory.live == 2800
     del b, c
     assert memory.live == 0
+
+
+def test_the_gpu_sessions_scripts_run_here_as_far_as_a_cpu_can():
+    """.ci/gpu is run once per GPU session, with minutes of device time: it must not fail for a
+    name that changed since. Its probe runs here on the CPU (small sizes), and bash reads it."""
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run(["bash", "-n", str(root / ".ci" / "gpu")]).returncode == 0
+    probe = subprocess.run([sys.executable, str(root / ".ci" / "gpu_probe.py"), "--device", "cpu"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    for label in ("as chosen", "one block", "eighths"):
+        assert label in probe.stdout
