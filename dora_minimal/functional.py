@@ -15,9 +15,10 @@ Backward, with G = ∂L/∂y (T, out) and Gc = G ⊙ c:
     Eq. 6   exact mode adds the norm's path: ∂L/∂V'_j += k_j V'_j, k = -m ⊙ Σ_t(G ⊙ y0) / ‖V'‖_c³,
             so ∂L/∂B += s·k ⊙ (U + s·B AA^T) and ∂L/∂A += s·(k ⊙ B)^T (W0 + s·B A), the last
             product taken as (k ⊙ B)^T W0 + s·((k ⊙ B)^T B) A to keep away from (out, in).
-Forward lets the big product add onto the low-rank one, so y0 is written once. Backward forms
-G ⊙ c and G ⊙ y0 a block of tokens at a time, in one buffer: its peak memory is y0, y, ∂L/∂x and
-at most a quarter of a (T, out) tensor. A row with ‖V'‖_c = 0 gets c = 0 and no gradient through
+Forward and backward let the big product add onto the low-rank one (its beta), so the addition
+happens while the big product computes instead of in a memory-bound pass of its own. Backward
+forms G ⊙ c and G ⊙ y0 a block of tokens at a time, in one buffer: its peak memory is y0, y,
+∂L/∂x and at most a quarter of a (T, out) tensor. A row with ‖V'‖_c = 0 gets c = 0 and no gradient through
 its norm (the zero-row rule).
 """
 
@@ -75,7 +76,7 @@ class DoRAFunction(torch.autograd.Function):
         xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, in_features)  # (T, in)
         xA = xa2 @ lora_A.T  # (T, r)
         # y0 = s·(x A^T) B^T + x W0^T: the big product adds onto the low-rank one inside the
-        # matmul (beta = s), so y0 is written once and not read again until y
+        # matmul (beta = s), while it computes, not in a pass over y0 of its own
         y0 = xA @ lora_B.T  # (T, out)
         y0.addmm_(x2, weight.T, beta=scaling)
         norm, U, AAt = adapted_row_norm(weight, lora_A, lora_B, scaling, base_norm_sq)  # (out,)
