@@ -18,8 +18,8 @@ Backward, with G = ∂L/∂y (T, out) and Gc = G ⊙ c:
 Forward and backward let the big product add onto the low-rank one (its beta), so the addition
 happens while the big product computes instead of in a memory-bound pass of its own. Backward
 forms G ⊙ c and G ⊙ y0 a block of tokens at a time, in one buffer: its peak memory is y0, y,
-∂L/∂x and at most a quarter of a (T, out) tensor. A row with ‖V'‖_c = 0 gets c = 0 and no gradient through
-its norm (the zero-row rule).
+∂L/∂x and at most a quarter of a (T, out) tensor. A row with ‖V'‖_c = 0 gets c = 0 and no
+gradient through its norm (the zero-row rule).
 """
 
 import torch
