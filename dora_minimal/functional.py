@@ -38,6 +38,13 @@ def _divide_or_zero(numerator, denominator):
     return torch.where(denominator != 0, numerator / denominator, 0.0)
 
 
+def scale_outputs(y0, c, bias=None):
+    """y = c ⊙ y0 + b (..., out) in y0's dtype: the product is taken in c's float32 (or float64)
+    and rounded once, where y0 * c would return float32."""
+    y = torch.empty_like(y0)
+    return torch.mul(y0, c, out=y) if bias is None else torch.addcmul(bias, y0, c, out=y)
+
+
 def weight_norm_sq(weight):
     """‖W0‖_c² (out,) in the accumulation dtype: constant while W0 is frozen, so cacheable."""
     return torch.linalg.vector_norm(weight, dim=1, dtype=accumulation_dtype(weight.dtype)) ** 2
@@ -82,12 +89,7 @@ class DoRAFunction(torch.autograd.Function):
         norm, U, AAt = adapted_row_norm(weight, lora_A, lora_B, scaling, base_norm_sq)  # (out,)
         # c = m / ‖V'‖_c, kept in float32 so a small change of m survives in bf16
         c = _divide_or_zero(magnitude.to(norm.dtype), norm)  # (out,)
-        # y = c ⊙ y0 + b: the product is taken in float32 and rounded once to x's dtype
-        y = torch.empty_like(y0)
-        if bias is None:
-            torch.mul(y0, c, out=y)
-        else:
-            torch.addcmul(bias, y0, c, out=y)
+        y = scale_outputs(y0, c, bias)  # y = c ⊙ y0 + b
         # y0 (T, out) is kept only for Eq. 7 and the exact mode's norm path, U and AAt only for
         # the latter
         needs_y0 = ctx.needs_input_grad[5] or not detach_norm

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from .checks import check_bool, check_dropout, check_positive, check_positive_int, check_rank
 from .functional import (DoRAFunction, _divide_or_zero, accumulation_dtype, adapted_row_norm,
                          autocast_dtype, check_functional_arguments, dora_linear, lora_forward,
-                         lora_linear, merged_weight, weight_norm_sq)
+                         lora_linear, merged_weight, scale_outputs, weight_norm_sq)
 
 
 def _version_key(*tensors):
@@ -192,11 +192,8 @@ class DoRALinear(nn.Module):
         if tokens >= self.in_features:
             W = merged_weight(self.weight, self.lora_A, self.lora_B, scale, self.scaling)
             return F.linear(x, W, self.bias)
-        y0 = F.linear(x, self.weight)  # (..., out)
-        y0 = y0 + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
-        y = torch.empty_like(y0)
-        return torch.mul(y0, scale, out=y) if self.bias is None else torch.addcmul(
-            self.bias, y0, scale, out=y)
+        y0 = lora_forward(x, self.weight, self.lora_A, self.lora_B, self.scaling)  # (..., out)
+        return scale_outputs(y0, scale, self.bias)
 
     # --- merge --------------------------------------------------------------------------------
 
