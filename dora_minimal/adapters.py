@@ -135,11 +135,16 @@ def trainable_parameters(model):
                           sum(p.numel() for p in model.parameters()))
 
 
+def _adapter_tensors(model, key_of=lambda name, key: f"{name}.{key}"):
+    """{key_of(layer name, "lora_A" | "lora_B" | "magnitude"): the tensor itself} for every
+    adapter tensor in the model (a LoRA layer has no magnitude)."""
+    return {key_of(name, key): getattr(layer, key) for name, layer in adapter_layers(model)
+            for key in ADAPTER_TENSORS if getattr(layer, key) is not None}
+
+
 def adapter_state_dict(model):
     """{"<layer>.lora_A": ..., "<layer>.lora_B": ..., "<layer>.magnitude": ...}, detached copies."""
-    return {f"{name}.{key}": getattr(layer, key).detach().clone()
-            for name, layer in adapter_layers(model) for key in ADAPTER_TENSORS
-            if getattr(layer, key) is not None}
+    return {key: tensor.detach().clone() for key, tensor in _adapter_tensors(model).items()}
 
 
 def _check_and_copy(model, state, targets, what):
@@ -171,9 +176,7 @@ def _check_and_copy(model, state, targets, what):
 def load_adapter_state_dict(model, state):
     """Load what adapter_state_dict saved. Names and shapes must match exactly; on a mismatch
     ValueError says which, and the model is unchanged."""
-    targets = {f"{name}.{key}": getattr(layer, key) for name, layer in adapter_layers(model)
-               for key in ADAPTER_TENSORS if getattr(layer, key) is not None}
-    return _check_and_copy(model, state, targets, "load_adapter_state_dict")
+    return _check_and_copy(model, state, _adapter_tensors(model), "load_adapter_state_dict")
 
 
 PEFT_PREFIX = "base_model.model."
@@ -182,9 +185,7 @@ PEFT_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
 
 
 def _peft_targets(model):
-    return {f"{PEFT_PREFIX}{name}.{PEFT_KEYS[key]}": getattr(layer, key)
-            for name, layer in adapter_layers(model) for key in ADAPTER_TENSORS
-            if getattr(layer, key) is not None}
+    return _adapter_tensors(model, lambda name, key: f"{PEFT_PREFIX}{name}.{PEFT_KEYS[key]}")
 
 
 def to_peft_state_dict(model):
