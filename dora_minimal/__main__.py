@@ -4,8 +4,7 @@ import argparse
 import importlib.util
 import sys
 
-import torch
-
+from .checks import check_command_line
 from .toy import ToyConfig, format_table, plot, run
 
 
@@ -37,12 +36,7 @@ def parse_args(argv):
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         parser.error("--plot needs matplotlib, which is not installed "
                      "(pip install matplotlib); nothing was run")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA GPU here")
-    for name in ("rank", "pretrain_steps", "steps", "checkpoints"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, "
-                         f"got {getattr(args, name)}")
+    check_command_line(parser, args, ("rank", "pretrain_steps", "steps", "checkpoints"))
     return args
 
 

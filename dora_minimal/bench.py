@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .checks import check_command_line
 from .layer import DoRALinear
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -277,12 +278,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the accuracy check of DoRA against float64")
     args = parser.parse_args(argv)
-    for name in ("in_features", "out_features", "tokens", "rank", "repeat"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, "
-                         f"got {getattr(args, name)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA GPU here")
+    check_command_line(parser, args, ("in_features", "out_features", "tokens", "rank", "repeat"))
     return args
 
 

@@ -124,3 +124,15 @@ def check_dora_arguments(x, weight, lora_A, lora_B, magnitude, bias=None, grad_y
             raise ValueError(f"grad_y: expected shape {expected} (x's leading dims, out), "
                              f"got {tuple(grad_y.shape)}")
     return out_features, in_features, r
+
+
+def check_command_line(parser, args, positive_ints):
+    """For the commands: parser.error (exit 2, with the usage) when an integer option named in
+    `positive_ints` is below 1, or when --device names a CUDA GPU that torch cannot see."""
+    for name in positive_ints:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, "
+                         f"got {getattr(args, name)}")
+    import torch  # here, not at the top: the NumPy reference uses this module without torch
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU here")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dora_minimal import bench
@@ -73,3 +74,13 @@ def test_the_gpu_sessions_scripts_run_here_as_far_as_a_cpu_can():
     assert probe.returncode == 0, probe.stderr
     for label in ("as chosen", "one block", "eighths"):
         assert label in probe.stdout
+
+
+def test_bench_rejects_bad_options_before_running(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tokens", "0"])
+    assert "--tokens: expected an integer >= 1, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # with a GPU, --device cuda is a valid choice
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cuda"])
+        assert "--device cuda: torch sees no CUDA GPU here" in capsys.readouterr().err
