@@ -113,33 +113,28 @@ def timer(device):
 class PeakMemory(TorchDispatchMode):
     """Inside `with PeakMemory() as memory:`, memory.peak is the most bytes that tensors created
     inside it took at one time: what torch.cuda.max_memory_allocated counts on a GPU (less its
-    rounding), but on any device, meta included. A tensor counts by its storage, once, until it
-    is freed. One difference: autograd does not add two gradients of one tensor in place while
-    such a mode is on, so a model whose input gets gradients from two branches counts one
-    gradient more than a GPU holds."""
+    rounding), but on any device, meta included. A tensor counts by its storage, from the op that
+    creates it until it is freed. One difference: autograd does not add two gradients of one
+    tensor in place while such a mode is on, so a model whose input gets gradients from two
+    branches counts one gradient more than a GPU holds."""
 
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
-        self._counted = set()
 
-    def _free(self, key, size):
+    def _free(self, size):
         self.live -= size
-        self._counted.discard(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
+        # a view, an in-place or an out= result shares an input's storage: nothing new
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}
         for t in tree_leaves(result):
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage._cdata  # a view, an in-place or out= result shares its input's storage
-            if key not in inputs and key not in self._counted:
-                self._counted.add(key)
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is not None and storage._cdata not in inputs:
                 self.live += storage.nbytes()
-                weakref.finalize(storage, self._free, key, storage.nbytes())
+                weakref.finalize(storage, self._free, storage.nbytes())
         self.peak = max(self.peak, self.live)
         return result
 
