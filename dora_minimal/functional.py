@@ -2,9 +2,9 @@
 
 The same equations as dora_minimal.reference (read that first), computed the way a GPU likes:
 
-    V' = W0 + s·B A                      never formed: no (out, in) temporary while training
-    ‖V'‖_c² = ‖W0‖_c² + 2s·rowsum(B ⊙ U) + s²·rowsum((B AA^T) ⊙ B),   U = W0 A^T (out, r)
-    c = m / ‖V'‖_c                        (out,), in float32 (float64 for float64 inputs)
+    V' = W0 + s·B A                      formed a block of rows at a time, only for its row norm
+    ‖V'‖_c                                (out,), in float32 (float64 for float64 inputs)
+    c = m / ‖V'‖_c                        (out,), in the same dtype
     y0 = x W0^T + s·(x A^T) B^T          (T, out)
     y = c ⊙ y0 + b
 
@@ -12,20 +12,32 @@ Backward, with G = ∂L/∂y (T, out) and Gc = G ⊙ c:
     Eq. 7   ∂L/∂m = Σ_t G ⊙ y0 / ‖V'‖_c
     Eq. 11  ∂L/∂x = Gc W0 + s·(Gc B) A,  ∂L/∂A = s·(Gc B)^T x,
             ∂L/∂B = s·Gc^T (x A^T) = s·c ⊙ G^T (x A^T)
-    Eq. 6   exact mode adds the norm's path: ∂L/∂V'_j += k_j V'_j, k = -m ⊙ Σ_t(G ⊙ y0) / ‖V'‖_c³,
-            so ∂L/∂B += s·k ⊙ (U + s·B AA^T) and ∂L/∂A += s·(k ⊙ B)^T (W0 + s·B A), the last
-            product taken as (k ⊙ B)^T W0 + s·((k ⊙ B)^T B) A to keep away from (out, in).
-Forward and backward let the big product add onto the low-rank one (its beta), so the addition
-happens while the big product computes instead of in a memory-bound pass of its own. Backward
-forms G ⊙ c and G ⊙ y0 a block of tokens at a time, in one buffer: its peak memory is y0, y,
-∂L/∂x and at most a quarter of a (T, out) tensor. A row with ‖V'‖_c = 0 gets c = 0 and no
-gradient through its norm (the zero-row rule).
+    Eq. 6   exact mode adds the norm's path: with ∂L/∂‖V'‖_c = -c ⊙ Σ_t(G ⊙ y0) / ‖V'‖_c and
+            the unit rows V̂ = V'/‖V'‖_c, ∂L/∂V'_j += (∂L/∂‖V'_j‖) V̂_j, so
+            ∂L/∂B += s·(∂L/∂‖V'‖) ⊙ (V̂ A^T) and ∂L/∂A += s·((∂L/∂‖V'‖) ⊙ B)^T V̂.
+
+Why form the rows of V' instead of expanding ‖w + s·b A‖² = ‖w‖² + 2s b·(A w) + s²‖b A‖²
+(no (out, in) temporary at all)? Where s·b A nearly cancels w, the expansion subtracts large
+numbers to get a small one: its relative error grows like ‖w‖²/‖v'‖², while rounding the formed
+row errs like ‖w‖/‖v'‖ at most, as the textbook formula does. Blocks of rows keep the temporary
+bounded (NORM_BLOCK_ELEMENTS), and nothing is kept: ‖W0‖_c is not cached, so no optimizer step,
+`.data` write or load can leave a stale value behind.
+
+The Function has two ways to run backward. Plain eager calls (the usual training step) take the
+tokens in blocks, writing into preallocated buffers, so that no (T, out) temporary is alive beside
+y0, y and ∂L/∂x. Under torch.compile, torch.func transforms or create_graph=True it computes the
+same equations on whole tensors with out-of-place ops, which those tools can trace, batch and
+differentiate again; for the last two it first recomputes ‖V'‖_c and y0 from the inputs, so that
+second derivatives see how they depend on A, B and m.
 """
 
 import torch
 from torch.nn import functional as F
 
 from .checks import check_bool, check_dora_arguments, check_positive
+
+# The largest block of V' rows formed at once, in elements: 16 MiB in float32.
+NORM_BLOCK_ELEMENTS = 2**22
 
 
 def accumulation_dtype(dtype):
@@ -38,131 +50,250 @@ def _divide_or_zero(numerator, denominator):
     return torch.where(denominator != 0, numerator / denominator, 0.0)
 
 
+def plain_eager():
+    """True for an ordinary eager call: no torch.compile or export tracing, no torch.func
+    transform, no graph being recorded. Only then may the Function write into buffers (out=,
+    in place), which those tools cannot trace, batch or differentiate."""
+    return not (torch.compiler.is_compiling() or torch.is_grad_enabled()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 def scale_outputs(y0, c, bias=None):
-    """y = c ⊙ y0 + b (..., out) in y0's dtype: the product is taken in c's float32 (or float64)
-    and rounded once, where y0 * c would return float32."""
+    """y = c ⊙ y0 + b (..., out) in y0's dtype, the product taken in c's float32 (or float64)
+    and rounded once."""
+    if not plain_eager():  # out-of-place; torch.compile fuses it into one pass
+        y = y0 * c if bias is None else torch.addcmul(bias, y0, c)
+        return y.to(y0.dtype)
     y = torch.empty_like(y0)
     return torch.mul(y0, c, out=y) if bias is None else torch.addcmul(bias, y0, c, out=y)
 
 
-def weight_norm_sq(weight):
-    """‖W0‖_c² (out,) in the accumulation dtype: constant while W0 is frozen, so cacheable."""
-    return torch.linalg.vector_norm(weight, dim=1, dtype=accumulation_dtype(weight.dtype)) ** 2
+def _row_blocks(out_features, in_features):
+    """Slices of at most NORM_BLOCK_ELEMENTS // in rows covering 0..out."""
+    rows = max(1, NORM_BLOCK_ELEMENTS // in_features)
+    return [slice(start, start + rows) for start in range(0, out_features, rows)]
 
 
-def adapted_row_norm(weight, lora_A, lora_B, scaling, base_norm_sq=None):
-    """‖V'‖_c = ‖W0 + s·B A‖_c (out,) from the factored form, without forming V' (out, in).
-
-    Returns (norm, U, AAt) in the accumulation dtype; U = W0 A^T (out, r) and AAt = A A^T (r, r)
-    are reused by the exact backward.
-    """
+def adapted_rows(weight, lora_A, lora_B, scaling, rows=slice(None)):
+    """V'[rows] = W0[rows] + s·B[rows] A (rows, in), a new tensor in the accumulation dtype."""
     acc = accumulation_dtype(weight.dtype)
-    if base_norm_sq is None:
-        base_norm_sq = weight_norm_sq(weight)  # (out,)
-    U = (weight @ lora_A.T).to(acc)  # (out, r)
+    B, A = lora_B[rows].to(acc), lora_A.to(acc)
+    if plain_eager():  # one temporary: the copy of W0's rows takes the product in place
+        return weight[rows].to(acc, copy=True).addmm_(B, A, alpha=scaling)
+    # Eq. 5: V' = W0 + s·B A
+    return torch.addmm(weight[rows].to(acc), B, A, alpha=scaling)
+
+
+def adapted_row_norm(weight, lora_A, lora_B, scaling):
+    """‖V'‖_c = ‖W0 + s·B A‖_c (out,) in the accumulation dtype, forming V' a block of rows at a
+    time. weight is the (out, in) view of any layer's weight (a convolution's flattened)."""
+    return torch.cat([torch.linalg.vector_norm(adapted_rows(weight, lora_A, lora_B, scaling, rows),
+                                               dim=1)
+                      for rows in _row_blocks(*weight.shape)])
+
+
+def merged_weight(weight, lora_A, lora_B, magnitude, scaling):
+    """W' = (m / ‖V'‖_c) ⊙ V' (out, in) in W0's dtype: a block of rows at a time in the
+    accumulation dtype, each entry rounded once. For inference without gradients."""
+    blocks = []
+    for rows in _row_blocks(*weight.shape):
+        V = adapted_rows(weight, lora_A, lora_B, scaling, rows)  # (rows, in)
+        norm = torch.linalg.vector_norm(V, dim=1, keepdim=True)  # (rows, 1)
+        # Eq. 5: W' = m · V'/‖V'‖_c
+        blocks.append((V * _divide_or_zero(magnitude[rows, None].to(V.dtype), norm))
+                      .to(weight.dtype))
+    return torch.cat(blocks)
+
+
+def magnitude_and_norm_grads(sum_G_y0, magnitude, norm, c, detach_norm):
+    """From g = Σ_t G ⊙ y0 (out,): ∂L/∂m (Eq. 7) and ∂L/∂‖V'‖_c (None when the norm is detached).
+
+    y = (m/‖V'‖) ⊙ y0 + b, so ∂L/∂m = g/‖V'‖ and ∂L/∂‖V'‖ = -m g/‖V'‖² = -c g/‖V'‖, the latter
+    divided once by ‖V'‖ (not by ‖V'‖² at once, which underflows for tiny rows)."""
+    grad_m = _divide_or_zero(sum_G_y0, norm).to(magnitude.dtype)  # Eq. 7
+    grad_norm = None if detach_norm else _divide_or_zero(-c * sum_G_y0, norm)
+    return grad_m, grad_norm
+
+
+def norm_backward(grad_norm, weight, lora_A, lora_B, scaling, norm):
+    """The norm's path of Eq. 6 to A and B: ∂L/∂V'_j = (∂L/∂‖V'_j‖) V̂_j with V̂ = V'/‖V'‖_c,
+    so ∂L/∂B = s·(∂L/∂‖V'‖) ⊙ (V̂ A^T) (out, r) and ∂L/∂A = s·((∂L/∂‖V'‖) ⊙ B)^T V̂ (r, in),
+    in the accumulation dtype, forming V' a block of rows at a time. Zero rows give nothing (their
+    ∂L/∂‖V'‖ is 0)."""
+    acc = grad_norm.dtype
     A, B = lora_A.to(acc), lora_B.to(acc)
-    AAt = A @ A.T  # (r, r)
-    # ‖w_j + s b_j A‖² = ‖w_j‖² + 2s b_j·(W0 A^T)_j + s² b_j (A A^T) b_j^T
-    #                  = ‖w_j‖² + s b_j·(2U + s B AA^T)_j
-    cross = torch.addmm(U, B, AAt, beta=2, alpha=scaling)  # (out, r): 2U + s·B AA^T
-    norm_sq = torch.add(base_norm_sq, (B * cross).sum(1), alpha=scaling)  # (out,)
-    return norm_sq.clamp_min(0).sqrt(), U, AAt
+    grad_A, grad_B = 0, []
+    for rows in _row_blocks(*weight.shape):
+        V = adapted_rows(weight, lora_A, lora_B, scaling, rows)  # (rows, in)
+        norm_rows = norm[rows, None].clamp_min(torch.finfo(acc).tiny)  # (rows, 1)
+        unit = V.div_(norm_rows) if plain_eager() else V / norm_rows  # V̂
+        weighted = scaling * grad_norm[rows, None]  # (rows, 1)
+        grad_B.append(weighted * (unit @ A.T))  # (rows, r)
+        grad_A = grad_A + (weighted * B[rows]).T @ unit  # (r, in)
+    return grad_A, torch.cat(grad_B)
+
+
+def low_rank_then_base(x2, xA, weight, lora_B, scaling):
+    """y0 = x W0^T + s·(x A^T) B^T (T, out). The big product adds onto the low-rank one inside the
+    matmul (its beta = s), so the addition costs no pass over y0 of its own."""
+    y0 = xA @ lora_B.T  # (T, out)
+    if plain_eager():
+        return y0.addmm_(x2, weight.T, beta=scaling)
+    return torch.addmm(y0, x2, weight.T, beta=scaling)
 
 
 class DoRAFunction(torch.autograd.Function):
     """y = (m / ‖W0 + s·B A‖_c) ⊙ (x W0^T + s·(x_a A^T) B^T) + b with a hand-written backward.
 
     x_a is the adapter branch's input (dropout(x) in training, else x itself). W0 is frozen.
+    apply() returns (y, y0, c, ‖V'‖_c, x_a A^T); all but y are kept for backward and carry no
+    gradient. torch.func (grad, jacrev, vmap) and torch.compile can use it as it is.
     """
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling,
-                base_norm_sq, detach_norm):
-        lead, in_features, out_features = x.shape[:-1], weight.shape[1], weight.shape[0]
+    def forward(x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm):
+        in_features, out_features = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, in_features)  # (T, in)
         xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, in_features)  # (T, in)
-        xA = xa2 @ lora_A.T  # (T, r)
-        # y0 = s·(x A^T) B^T + x W0^T: the big product adds onto the low-rank one inside the
-        # matmul (beta = s), while it computes, not in a pass over y0 of its own
-        y0 = xA @ lora_B.T  # (T, out)
-        y0.addmm_(x2, weight.T, beta=scaling)
-        norm, U, AAt = adapted_row_norm(weight, lora_A, lora_B, scaling, base_norm_sq)  # (out,)
-        # c = m / ‖V'‖_c, kept in float32 so a small change of m survives in bf16
+        # first the norm, so that its blocks of V' are freed before y0 and y exist
+        norm = adapted_row_norm(weight, lora_A, lora_B, scaling)  # (out,)
+        # c = m / ‖V'‖_c, kept in float32 so that a small change of m survives in bf16
         c = _divide_or_zero(magnitude.to(norm.dtype), norm)  # (out,)
+        xA = xa2 @ lora_A.T  # (T, r)
+        y0 = low_rank_then_base(x2, xA, weight, lora_B, scaling)  # (T, out)
         y = scale_outputs(y0, c, bias)  # y = c ⊙ y0 + b
-        # y0 (T, out) is kept only for Eq. 7 and the exact mode's norm path, U and AAt only for
-        # the latter
-        needs_y0 = ctx.needs_input_grad[5] or not detach_norm
-        ctx.save_for_backward(x2, xa2 if x_adapter is not None else None, weight, lora_A, lora_B,
-                              magnitude, c, norm, xA, y0 if needs_y0 else None,
-                              *((None, None) if detach_norm else (U, AAt)))
-        ctx.scaling, ctx.detach_norm, ctx.lead = scaling, detach_norm, lead
-        return y.reshape(*lead, out_features)
+        return y.reshape(*x.shape[:-1], out_features), y0, c, norm, xA
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA, y0, U, AAt = ctx.saved_tensors
-        s = ctx.scaling
-        needs = ctx.needs_input_grad  # x, x_adapter, weight, A, B, m, bias, ...
-        G = grad_y.reshape(-1, weight.shape[0])  # (T, out)
-        grad_xa = grad_A = grad_B = grad_m = grad_bias = None
-        exact = not ctx.detach_norm and (needs[3] or needs[4])
-        tokens, out_features = G.shape
-        size = _block_tokens(tokens, weight.shape[1], out_features)
-        starts = range(0, tokens, size)
-        # Σ_t G ⊙ y0 (out,) is summed a block at a time, in float32, one row per block
-        block_sums = c.new_empty(len(starts), out_features) if needs[5] or exact else None
-        GcB = G.new_empty(tokens, lora_B.shape[1]) if needs[0] or needs[1] or needs[3] else None
-        grad_x = torch.empty_like(x2) if needs[0] else None  # (T, in)
-        # One pass over blocks of tokens, with one (t, out) buffer for G ⊙ c and then G ⊙ y0, so
-        # that no (T, out) temporary is alive beside y0, y and ∂L/∂x.
-        buffer = G.new_empty(min(size, tokens), out_features)  # (t, out)
-        for i, start in enumerate(starts):
-            rows = slice(start, start + size)
-            G_rows = G[rows]  # (t, out)
-            Gc = torch.mul(G_rows, c, out=buffer[:len(G_rows)])  # Eq. 11: Gc = G ⊙ c
-            if GcB is not None:
-                torch.mm(Gc, lora_B, out=GcB[rows])
-            if grad_x is not None:  # ∂L/∂x = s·(Gc B) A + Gc W0, the big product adding on
-                if xa2 is None:
-                    torch.mm(GcB[rows], lora_A, out=grad_x[rows])
-                    grad_x[rows].addmm_(Gc, weight, beta=s)
-                else:  # the adapter branch saw dropout(x): its part goes to ∂L/∂x_a below
-                    torch.mm(Gc, weight, out=grad_x[rows])
-            if block_sums is not None:  # the buffer now takes G ⊙ y0, after Gc's last use
-                product = torch.mul(G_rows, y0[rows], out=buffer[:len(G_rows)])
-                torch.sum(product, 0, dtype=block_sums.dtype, out=block_sums[i])
-        g = block_sums.sum(0) if block_sums is not None else None  # Σ_t G ⊙ y0 (out,)
-        if needs[5]:
-            # Eq. 7: ∂L/∂m = Σ_t G ⊙ y0 / ‖V'‖_c
-            grad_m = _divide_or_zero(g, norm).to(magnitude.dtype)
+    def setup_context(ctx, inputs, output):
+        x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm = inputs
+        _, y0, c, norm, xA = output
+        ctx.mark_non_differentiable(y0, c, norm, xA)
+        ctx.set_materialize_grads(False)  # no zero (T, out) gradients for y0 and the others
+        # y0 (T, out) is kept only for Eq. 7 and the exact mode's norm path
+        needs_y0 = ctx.needs_input_grad[5] or not detach_norm
+        ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, magnitude, c, norm, xA,
+                              y0 if needs_y0 else None)
+        ctx.scaling, ctx.detach_norm = scaling, detach_norm
+
+    @staticmethod
+    def backward(ctx, grad_y, *_):
+        x, x_adapter, weight, lora_A, lora_B, magnitude, c, norm, xA, y0 = ctx.saved_tensors
+        if grad_y is None:  # y took no part in the loss
+            return (None,) * 9
+        s, detach_norm, needs = ctx.scaling, ctx.detach_norm, ctx.needs_input_grad
+        in_features, out_features = weight.shape[1], weight.shape[0]
+        x2 = x.reshape(-1, in_features)  # (T, in)
+        xa2 = None if x_adapter is None else x_adapter.reshape(-1, in_features)
+        G = grad_y.reshape(-1, out_features)  # (T, out)
+        if plain_eager():
+            grads = _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm,
+                                        xA, y0, s, detach_norm, needs)
+        else:
+            if not torch.compiler.is_compiling():  # create_graph=True or torch.func: recompute
+                # the saved values from the inputs, so that second derivatives see them change
+                norm = adapted_row_norm(weight, lora_A, lora_B, s)
+                norm = norm.detach() if detach_norm else norm
+                c = _divide_or_zero(magnitude.to(norm.dtype), norm)
+                xA = (x2 if xa2 is None else xa2) @ lora_A.T
+                y0 = torch.addmm(xA @ lora_B.T, x2, weight.T, beta=s)
+            grads = _backward_whole(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA,
+                                    y0, s, detach_norm, needs)
+        grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias = grads
         if grad_x is not None:
-            grad_x = grad_x.reshape(*ctx.lead, weight.shape[1])
-        if needs[1]:
-            grad_xa = (s * (GcB @ lora_A)).reshape(*ctx.lead, weight.shape[1])  # (..., in)
-        if needs[3]:
-            grad_A = s * (GcB.T @ (x2 if xa2 is None else xa2))  # (r, in): s·(Gc B)^T x
-        if needs[4]:
-            # s·Gc^T (x A^T) = s·c ⊙ G^T (x A^T) (out, r), from G in one product
-            grad_B = torch.mm(G.T, xA).mul_((s * c)[:, None])
+            grad_x = grad_x.reshape(x.shape)
+        if grad_xa is not None:
+            grad_xa = grad_xa.reshape(x.shape)
+        return grad_x, grad_xa, None, grad_A, grad_B, grad_m, grad_bias, None, None
+
+
+def _backward_whole(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA, y0, s,
+                    detach_norm, needs):
+    """Eq. 6, 7 and 11 on whole tensors with out-of-place ops (for compile, torch.func and
+    double backward). Returns ∂L/∂(x, x_a, A, B, m, bias), None where not needed."""
+    dtype = G.dtype
+    grad_x = grad_xa = grad_A = grad_B = grad_m = grad_bias = None
+    Gc = (G * c).to(dtype)  # (T, out): Eq. 11, Gc = G ⊙ c
+    GcB = Gc @ lora_B  # (T, r)
+    if needs[0]:  # ∂L/∂x = Gc W0 + s·(Gc B) A, the adapter's part to x_a if it had its own input
+        grad_x = Gc @ weight if xa2 is not None else torch.addmm(GcB @ lora_A, Gc, weight, beta=s)
+    if needs[1]:
+        grad_xa = s * (GcB @ lora_A)  # (T, in)
+    if needs[3]:
+        grad_A = s * (GcB.T @ (x2 if xa2 is None else xa2))  # (r, in): s·(Gc B)^T x
+    if needs[4]:
+        grad_B = ((G.T @ xA) * (s * c)[:, None]).to(dtype)  # (out, r): s·c ⊙ G^T (x A^T)
+    exact = not detach_norm and (needs[3] or needs[4])
+    if needs[5] or exact:
+        sum_G_y0 = (G * y0).sum(0, dtype=c.dtype)  # (out,)
+        grad_m, grad_norm = magnitude_and_norm_grads(sum_G_y0, magnitude, norm, c, detach_norm)
         if exact:
-            # Eq. 6, the norm's path: ∂L/∂V'_j += k_j V'_j, k = -m Σ_t(G ⊙ y0) / ‖V'‖_c³
-            k = _divide_or_zero(-magnitude.to(norm.dtype) * g, norm**3)  # (out,)
-            B_acc = lora_B.to(k.dtype)
-            kB = k[:, None] * B_acc  # (out, r)
-            if needs[3]:
-                # s·(k ⊙ B)^T V' = s·((k ⊙ B)^T W0 + s·((k ⊙ B)^T B) A); the product with W0 runs
-                # in W0's dtype, on k ⊙ B divided by its largest entry so that fp16 cannot overflow
-                largest = kB.abs().max().clamp_min(torch.finfo(k.dtype).tiny)
-                kBtW0 = ((kB / largest).T.to(weight.dtype) @ weight).to(k.dtype) * largest
-                kBtV = kBtW0 + s * (kB.T @ B_acc) @ lora_A.to(k.dtype)  # (r, in)
-                grad_A = grad_A + (s * kBtV).to(grad_A.dtype)  # (r, in)
-            if needs[4]:
-                # s·k ⊙ (V' A^T) = s·k ⊙ (U + s·B AA^T)
-                grad_B = grad_B + (s * k[:, None] * (U + s * B_acc @ AAt)).to(grad_B.dtype)
-        if needs[6]:
-            grad_bias = G.sum(0)
-        return grad_x, grad_xa, None, grad_A, grad_B, grad_m, grad_bias, None, None, None
+            grad_A, grad_B = _add_norm_path(grad_A, grad_B, grad_norm, weight, lora_A, lora_B,
+                                            s, norm, needs)
+        grad_m = grad_m if needs[5] else None
+    if needs[6]:
+        grad_bias = G.sum(0)
+    return grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias
+
+
+def _add_norm_path(grad_A, grad_B, grad_norm, weight, lora_A, lora_B, s, norm, needs):
+    """Adds the exact mode's norm path (Eq. 6) to ∂L/∂A and ∂L/∂B, in their dtype."""
+    norm_grad_A, norm_grad_B = norm_backward(grad_norm, weight, lora_A, lora_B, s, norm)
+    if needs[3]:
+        grad_A = grad_A + norm_grad_A.to(grad_A.dtype)
+    if needs[4]:
+        grad_B = grad_B + norm_grad_B.to(grad_B.dtype)
+    return grad_A, grad_B
+
+
+def _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA, y0, s,
+                        detach_norm, needs):
+    """The same as _backward_whole, a block of tokens at a time into preallocated buffers: one
+    (t, out) buffer takes G ⊙ c and then G ⊙ y0, so that no (T, out) temporary is alive beside
+    y0, y and ∂L/∂x."""
+    grad_xa = grad_A = grad_B = grad_m = grad_bias = None
+    exact = not detach_norm and (needs[3] or needs[4])
+    tokens, out_features = G.shape
+    size = _block_tokens(tokens, weight.shape[1], out_features)
+    starts = range(0, tokens, size)
+    # Σ_t G ⊙ y0 (out,) is summed a block at a time, in float32, one row per block
+    block_sums = c.new_empty(len(starts), out_features) if needs[5] or exact else None
+    GcB = G.new_empty(tokens, lora_B.shape[1]) if needs[0] or needs[1] or needs[3] else None
+    grad_x = torch.empty_like(x2) if needs[0] else None  # (T, in)
+    buffer = G.new_empty(min(size, tokens), out_features)  # (t, out)
+    for i, start in enumerate(starts):
+        rows = slice(start, start + size)
+        G_rows = G[rows]  # (t, out)
+        Gc = torch.mul(G_rows, c, out=buffer[:len(G_rows)])  # Eq. 11: Gc = G ⊙ c
+        if GcB is not None:
+            torch.mm(Gc, lora_B, out=GcB[rows])
+        if grad_x is not None:  # ∂L/∂x = s·(Gc B) A + Gc W0, the big product adding on
+            if xa2 is None:
+                torch.mm(GcB[rows], lora_A, out=grad_x[rows])
+                grad_x[rows].addmm_(Gc, weight, beta=s)
+            else:  # the adapter branch saw dropout(x): its part goes to ∂L/∂x_a below
+                torch.mm(Gc, weight, out=grad_x[rows])
+        if block_sums is not None:  # the buffer now takes G ⊙ y0, after Gc's last use
+            product = torch.mul(G_rows, y0[rows], out=buffer[:len(G_rows)])
+            torch.sum(product, 0, dtype=block_sums.dtype, out=block_sums[i])
+    if needs[1]:
+        grad_xa = s * (GcB @ lora_A)  # (T, in)
+    if needs[3]:
+        grad_A = s * (GcB.T @ (x2 if xa2 is None else xa2))  # (r, in): s·(Gc B)^T x
+    if needs[4]:
+        # s·Gc^T (x A^T) = s·c ⊙ G^T (x A^T) (out, r), from G in one product
+        grad_B = torch.mm(G.T, xA).mul_((s * c)[:, None])
+    if block_sums is not None:
+        grad_m, grad_norm = magnitude_and_norm_grads(block_sums.sum(0), magnitude, norm, c,
+                                                     detach_norm)
+        if exact:
+            grad_A, grad_B = _add_norm_path(grad_A, grad_B, grad_norm, weight, lora_A, lora_B,
+                                            s, norm, needs)
+        grad_m = grad_m if needs[5] else None
+    if needs[6]:
+        grad_bias = G.sum(0)
+    return grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias
 
 
 def _block_tokens(tokens, in_features, out_features):
@@ -193,6 +324,8 @@ def check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scali
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight: expected a frozen weight (requires_grad=False); DoRA trains "
                          "lora_A, lora_B and magnitude, and computes no gradient for weight")
+    if torch.compiler.is_compiling():  # a symbolic float there; eager calls check it
+        return scaling
     return check_positive("scaling", scaling)
 
 
@@ -210,7 +343,7 @@ def _caster(dtype):
 
 
 def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach_norm=True,
-                *, lora_input=None, base_norm_sq=None):
+                *, lora_input=None):
     """DoRA's linear map y = (m / ‖W0 + s·B A‖_c) ⊙ (x W0^T + s·(x A^T) B^T) + b.
 
     x (..., in), weight (out, in) frozen, lora_A (r, in), lora_B (out, r), magnitude (out,),
@@ -218,22 +351,20 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
     Gradients reach x, lora_A, lora_B, magnitude (and bias if it requires grad).
     detach_norm=True treats ‖V'‖_c as a constant in backward (Eq. 11, as PEFT); False gives the
     exact gradient (Eq. 6). lora_input: the adapter branch's input if not x (dropout(x)).
-    base_norm_sq: ‖weight‖_c² (see weight_norm_sq), if cached.
     """
     dtype = autocast_dtype(x)
     if dtype is not None:  # run in autocast's dtype, as nn.Linear would; m and c stay float32
         cast = _caster(dtype)
         with torch.autocast(x.device.type, enabled=False):
             return dora_linear(cast(x), cast(weight), cast(lora_A), cast(lora_B), magnitude,
-                               scaling, cast(bias), detach_norm, lora_input=cast(lora_input),
-                               base_norm_sq=base_norm_sq)
+                               scaling, cast(bias), detach_norm, lora_input=cast(lora_input))
     s = check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scaling)
     detach_norm = check_bool("detach_norm", detach_norm)
     if lora_input is not None and lora_input.shape != x.shape:
         raise ValueError(f"lora_input: expected x's shape {tuple(x.shape)}, "
                          f"got {tuple(lora_input.shape)}")
     return DoRAFunction.apply(x, lora_input, weight, lora_A, lora_B, magnitude, bias, s,
-                              base_norm_sq, detach_norm)
+                              detach_norm)[0]
 
 
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, lora_input=None):
@@ -254,15 +385,9 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, lora_input=None)
     x2 = x.reshape(-1, in_features)  # (T, in)
     xa2 = x2 if lora_input is None else lora_input.reshape(-1, in_features)  # (T, in)
     # s·(x A^T) B^T is added onto the base output in place: one (T, out) tensor, not two
-    y = F.linear(x2, weight, bias).addmm_(xa2 @ lora_A.T, lora_B.T, alpha=scaling)
+    y = F.linear(x2, weight, bias)
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: out of place
+        return torch.addmm(y, xa2 @ lora_A.T, lora_B.T, alpha=scaling).reshape(*lead, -1)
+    y.addmm_(xa2 @ lora_A.T, lora_B.T, alpha=scaling)
     return y.reshape(*lead, weight.shape[0])
 
-
-def merged_weight(weight, lora_A, lora_B, scale, scaling):
-    """W' = c ⊙ (W0 + s·B A) (out, in) in W0's dtype, given the scale c = m / ‖V'‖_c (out,).
-
-    The product with c is taken in float32 and rounded once. This forms (out, in): it is for
-    inference without gradients, not for training (merge() works in float64 instead).
-    """
-    V = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # (out, in): W0 + s·B A
-    return torch.mul(V, scale[:, None], out=V)

@@ -10,6 +10,7 @@ the scale to a dropped-out base branch too when dropout > 0; both agree when dro
 """
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -17,13 +18,8 @@ from torch.nn import functional as F
 
 from .checks import check_bool, check_dropout, check_positive, check_positive_int, check_rank
 from .functional import (DoRAFunction, _divide_or_zero, accumulation_dtype, adapted_row_norm,
-                         autocast_dtype, check_functional_arguments, dora_linear, lora_forward,
-                         lora_linear, merged_weight, scale_outputs, weight_norm_sq)
-
-
-def _version_key(*tensors):
-    """Identifies the current contents of tensors: memory, in-place version, dtype, device."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+                         autocast_dtype, check_functional_arguments, dora_linear,
+                         lora_forward, lora_linear, merged_weight, scale_outputs)
 
 
 class DoRALinear(nn.Module):
@@ -68,7 +64,7 @@ class DoRALinear(nn.Module):
         self.dropout = nn.Dropout(self.lora_dropout) if self.lora_dropout > 0 else nn.Identity()
         self.merged = False
         self._merged_norm = None  # ‖V'‖_c at merge time, what unmerge() needs
-        self._caches = {}
+        self._warned_merged_training = False
         self.reset_parameters()
 
     @classmethod
@@ -103,57 +99,56 @@ class DoRALinear(nn.Module):
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
-            if self.magnitude is not None:
-                self.magnitude.copy_(weight_norm_sq(self.weight).sqrt())  # as forward computes it
+        self.reset_magnitude()
 
-    # --- caches: only ever keyed by the exact contents they were computed from ----------------
+    def reset_magnitude(self):
+        """m = ‖W0‖_c from the current weight (DoRA; LoRA has no magnitude): call it after loading
+        pretrained weights into a layer that already has its adapter."""
+        if self.merged:
+            raise ValueError("reset_magnitude(): the layer is merged; call unmerge() first")
+        if self.magnitude is not None:
+            with torch.no_grad():  # ‖W0 + s·B A‖_c as forward computes it, with B = 0
+                norm = adapted_row_norm(self.weight, self.lora_A, torch.zeros_like(self.lora_B),
+                                        self.scaling)
+                self.magnitude.copy_(norm)
 
-    def _cached(self, name, tensors, compute):
-        if torch.compiler.is_compiling():
-            return compute()
-        key = _version_key(*tensors)
-        hit = self._caches.get(name)
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                hit = (key, compute())
-            self._caches[name] = hit
-        return hit[1]
-
-    def _base_norm_sq(self):
-        """‖W0‖_c² (out,): W0 is frozen, so this is computed once per version of the weight."""
-        return self._cached("base_norm_sq", (self.weight,), lambda: weight_norm_sq(self.weight))
-
-    def _eval_scale(self):
-        """c = m / ‖V'‖_c (out,) for eval mode, recomputed whenever W0, A, B or m changed."""
-        def compute():
-            norm = adapted_row_norm(self.weight, self.lora_A, self.lora_B, self.scaling,
-                                    self._base_norm_sq())[0]
-            return _divide_or_zero(self.magnitude.to(norm.dtype), norm)
-        return self._cached("eval_scale", (self.weight, self.lora_A, self.lora_B, self.magnitude),
-                            compute)
+    # --- no cache: every value derived from the parameters is computed when it is used --------
 
     def _apply(self, fn, recurse=True):
-        """.to(), .cuda(), .half(), ...: as nn.Module, except that the magnitude moves with the
-        layer but keeps its float32 (float64) dtype, and that caches are dropped."""
-        self._caches = {}
+        """.to(), .cuda(), .half(), to_empty(), ...: as nn.Module, except that the magnitude keeps
+        its float32 (float64) dtype: it follows the layer's device, never its rounding."""
         magnitude = self._parameters.pop("magnitude")
         try:
             super()._apply(fn, recurse)
         finally:
             self._parameters["magnitude"] = magnitude
         if magnitude is not None:
-            target = fn(magnitude.detach()[:0])  # only read for its device
             acc = accumulation_dtype(self.weight.dtype)
-            magnitude.data = magnitude.data.to(device=target.device, dtype=acc)
-            if magnitude.grad is not None:
-                magnitude.grad = magnitude.grad.to(device=target.device, dtype=acc)
+            moved = fn(magnitude.detach())  # what nn.Module would hold: device, maybe dtype
+            if moved.dtype != acc:  # converted from the original, not from a rounded copy
+                moved = (moved.to(acc) if magnitude.is_meta or moved.is_meta
+                         else magnitude.detach().to(device=moved.device, dtype=acc))
+            grad = magnitude.grad
+            if torch._has_compatible_shallow_copy_type(magnitude, moved):  # as nn.Module does
+                magnitude.data = moved
+            else:  # e.g. to or from the meta device: a new Parameter
+                magnitude = self._parameters["magnitude"] = nn.Parameter(
+                    moved, magnitude.requires_grad)
+            if grad is not None:
+                magnitude.grad = grad.to(device=moved.device, dtype=acc)
         if self._merged_norm is not None:  # stays float64, follows the weight's device
             self._merged_norm = self._merged_norm.to(self.weight.device)
         return self
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._caches = {}
-        return super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if (self.magnitude is not None and prefix + "weight" in state_dict
+                and prefix + "magnitude" not in state_dict):
+            warnings.warn(f"{type(self).__name__}: a new weight was loaded without a magnitude, "
+                          "so the magnitude still holds ‖W0‖_c of the weight before; after "
+                          "loading pretrained weights into an adapted model, call "
+                          "dora_minimal.reset_magnitude(model) (or layer.reset_magnitude())",
+                          stacklevel=3)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -163,6 +158,12 @@ class DoRALinear(nn.Module):
             s = check_functional_arguments(x, self.weight, self.lora_A, self.lora_B,
                                            self.magnitude, self.bias, self.scaling, self.use_dora)
         if self.merged:
+            if self.training and torch.is_grad_enabled() and not self._warned_merged_training \
+                    and any(p is not None and p.requires_grad for p in self._adapter()):
+                self._warned_merged_training = True
+                warnings.warn(f"{type(self).__name__}: the layer is merged, so its adapter "
+                              "(lora_A, lora_B, magnitude) is not used and gets no gradient; "
+                              "call unmerge() before training it", stacklevel=2)
             return F.linear(x, self.weight, self.bias)
         lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
         if autocast:  # they compute in autocast's dtype; m, the norms and c stay float32
@@ -170,8 +171,7 @@ class DoRALinear(nn.Module):
                 return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling,
                                    self.bias, lora_input=lora_input)
             return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude,
-                               self.scaling, self.bias, self.detach_norm, lora_input=lora_input,
-                               base_norm_sq=self._base_norm_sq())
+                               self.scaling, self.bias, self.detach_norm, lora_input=lora_input)
         if not self.use_dora:
             return lora_forward(x, self.weight, self.lora_A, self.lora_B, s, self.bias, lora_input)
         needs_grad = torch.is_grad_enabled() and (
@@ -179,21 +179,22 @@ class DoRALinear(nn.Module):
                                                              self.magnitude)))
         if self.training or needs_grad:  # checked above: straight to the autograd.Function
             return DoRAFunction.apply(x, lora_input, self.weight, self.lora_A, self.lora_B,
-                                      self.magnitude, self.bias, s, self._base_norm_sq(),
-                                      self.detach_norm)
+                                      self.magnitude, self.bias, s, self.detach_norm)[0]
         return self._inference(x)
 
+    def _adapter(self):
+        return self.lora_A, self.lora_B, self.magnitude
+
     def _inference(self, x):
-        """Eval mode without gradients, with the cached scale c. With at least as many tokens as
-        input features, forming W' = c ⊙ (W0 + s·B A) once is cheaper than scaling the
-        (tokens, out) output; with fewer, scale the output."""
-        scale = self._eval_scale()  # (out,)
-        tokens = x.numel() // self.in_features
-        if tokens >= self.in_features:
-            W = merged_weight(self.weight, self.lora_A, self.lora_B, scale, self.scaling)
+        """Eval mode without gradients. With at least as many tokens as input features, forming
+        W' = c ⊙ V' once (V' serving its own norm) is cheaper than scaling the (tokens, out)
+        output; with fewer, scale the output."""
+        if x.numel() // self.in_features >= self.in_features:
+            W = merged_weight(self.weight, self.lora_A, self.lora_B, self.magnitude, self.scaling)
             return F.linear(x, W, self.bias)
+        norm = adapted_row_norm(self.weight, self.lora_A, self.lora_B, self.scaling)  # (out,)
         y0 = lora_forward(x, self.weight, self.lora_A, self.lora_B, self.scaling)  # (..., out)
-        return scale_outputs(y0, scale, self.bias)
+        return scale_outputs(y0, _divide_or_zero(self.magnitude.to(norm.dtype), norm), self.bias)
 
     # --- merge --------------------------------------------------------------------------------
 
@@ -238,7 +239,6 @@ class DoRALinear(nn.Module):
             self.weight.copy_(W)
         self._merged_norm = merged_norm
         self.merged = merged
-        self._caches = {}
 
     def to_linear(self):
         """A plain nn.Linear holding the merged weight W' and the bias; this layer is unchanged."""

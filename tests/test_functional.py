@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given
 
-from dora_minimal import dora_linear, lora_linear, reference
+from dora_minimal import dora_linear, functional, lora_linear, reference
 from dora_minimal.bench import PeakMemory
 from helpers import problems, rel_error
 
@@ -163,14 +163,18 @@ def training_inputs(tokens, in_features, out_features, r):
             randn(tokens, out_features, grad=False))
 
 
-def test_forward_never_forms_an_out_by_in_tensor():
-    """The factored norm: forward's new tensors are y0 and y (T, out) and pieces r wide or (out,)
-    long. V' (out, in) would be 16 times y's size here."""
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_forward_forms_v_prime_one_bounded_block_of_rows_at_a_time(monkeypatch, detach_norm):
+    """Forward's new tensors are y0 and y (T, out), pieces r wide or (out,) long, and one block of
+    V' rows (16 rows here, where V' has 256): never V' (out, in) whole, 16 times y's size."""
     T, n_in, n_out, r = 16, 256, 256, 2
+    monkeypatch.setattr(functional, "NORM_BLOCK_ELEMENTS", 16 * n_in)
     x, W0, A, B, m, _ = training_inputs(T, n_in, n_out, r)
     with PeakMemory() as memory:
-        dora_linear(x, W0, A, B, m, 2.0)
-    assert memory.peak <= 8 * (2 * T * n_out + (T + 4 * n_out) * r + 16 * n_out)
+        y = dora_linear(x, W0, A, B, m, 2.0, detach_norm=detach_norm)
+    assert memory.peak <= 8 * (2 * T * n_out + 16 * n_in + (T + 4 * n_out) * r + 16 * n_out)
+    expected = textbook_dora(x, W0, A, B, m, 2.0, None, detach_norm)
+    assert rel_error(y.detach().numpy(), expected.detach().numpy()) < 1e-13
 
 
 @pytest.mark.parametrize("detach_norm", [True, False])
@@ -184,8 +188,9 @@ def test_backward_holds_one_block_of_tokens_at_a_time(detach_norm):
     y = dora_linear(x, W0, A, B, m, 2.0, detach_norm=detach_norm)
     with PeakMemory() as memory:
         grads = torch.autograd.grad(y, (x, A, B, m), G)
+    # ... and, in exact mode, one block of V' rows (all 64 of them at this size)
     assert memory.peak <= 8 * (T * n_in + 512 * n_out + T * r + 4 * (n_in + n_out) * r
-                               + 16 * n_out)
+                               + 16 * n_out + (0 if detach_norm else n_out * n_in))
     expected = torch.autograd.grad(textbook_dora(x, W0, A, B, m, 2.0, None, detach_norm),
                                    (x, A, B, m), G)
     for name, got, want in zip("xABm", grads, expected):

@@ -1,4 +1,4 @@
-"""DoRALinear: initialization, LoRA and DoRA modes, dropout, merge/unmerge, caches, round trips."""
+"""DoRALinear: initialization, LoRA and DoRA modes, dropout, merge/unmerge, eval paths, round trips."""
 
 import copy
 import io
@@ -165,54 +165,7 @@ def test_to_linear_returns_a_plain_linear_with_the_merged_weight():
         < 1e-15
 
 
-# --- eval caches ------------------------------------------------------------------------------
-
-def fresh_output(layer, x):
-    """What the layer computes, from a deep copy that holds no cache."""
-    clone = copy.deepcopy(layer)
-    clone._caches = {}
-    with torch.no_grad():
-        return clone.train()(x)
-
-
-def test_eval_cache_never_serves_stale_values():
-    layer = trained_layer().eval()
-    x = torch.randn(8, 6, dtype=torch.float64)
-    with torch.no_grad():
-        layer(x)  # fills the cache
-    assert "eval_scale" in layer._caches
-    # an optimizer step changes A, B and m in place
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
-    layer.train()
-    layer(x).square().sum().backward()
-    optimizer.step()
-    layer.eval()
-    with torch.no_grad():
-        assert torch.equal(layer(x), fresh_output(layer, x).to(x.dtype)) or \
-            rel_error(layer(x).numpy(), fresh_output(layer, x).numpy()) < 1e-14
-        # load_state_dict replaces every tensor's contents
-        other = trained_layer(seed=5)
-        layer.load_state_dict(other.state_dict())
-        assert rel_error(layer(x).numpy(), fresh_output(other, x).numpy()) < 1e-14
-        # an in-place change of the frozen weight
-        layer.weight.mul_(2)
-        assert rel_error(layer(x).numpy(), fresh_output(layer, x).numpy()) < 1e-14
-        # .to() and back
-        layer.float()
-        assert rel_error(layer(x.float()).numpy(), fresh_output(layer, x.float()).numpy()) < 1e-6
-        layer.double()
-        with torch.no_grad():
-            layer.magnitude.add_(0.1)
-        assert rel_error(layer(x).numpy(), fresh_output(layer, x).numpy()) < 1e-14
-
-
-def test_no_cache_is_used_in_training():
-    layer = trained_layer()
-    x = torch.randn(3, 6, dtype=torch.float64)
-    with torch.no_grad():
-        layer(x)
-    assert "eval_scale" not in layer._caches
-
+# --- eval paths (no cache: see tests/test_workflows.py for every way a parameter changes) -----
 
 @pytest.mark.parametrize("tokens", [1, 100])
 def test_eval_paths_with_few_and_many_tokens_agree_with_training_path(tokens):

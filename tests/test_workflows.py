@@ -1,0 +1,388 @@
+"""The layer in the workflows of real training: every way a parameter can change, precision
+under cancellation, torch.func, double backward, torch.compile, torch.export, the meta device and
+FSDP2. Each expected value comes from a freshly built layer or from plain autograd on the textbook
+formula in float64."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+import dora_minimal as dm
+from dora_minimal import DoRALinear, dora_linear
+from dora_minimal.functional import adapted_row_norm
+from helpers import rel_error
+from test_functional import textbook_dora
+
+
+def trained_layer(dtype=torch.float64, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    layer = DoRALinear(6, 5, r=3, lora_alpha=6, dtype=dtype, **kwargs)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+        layer.magnitude.mul_(torch.rand(5) + 0.5)
+    return layer
+
+
+def outputs(layer, x):
+    """(training output, eval output without gradients): the two ways a layer computes."""
+    y_train = layer.train()(x).detach()
+    with torch.no_grad():
+        y_eval = layer.eval()(x)
+    layer.train()
+    return y_train, y_eval
+
+
+def fresh_copy(layer):
+    """A new layer built from nothing but the state of `layer`."""
+    fresh = DoRALinear(6, 5, r=3, lora_alpha=6, dtype=layer.weight.dtype,
+                       detach_norm=layer.detach_norm)
+    fresh.load_state_dict(layer.state_dict())
+    fresh.scaling = layer.scaling
+    return fresh
+
+
+def optimizer_step(make_optimizer):
+    def mutate(layer, x):
+        optimizer = make_optimizer([p for p in layer.parameters() if p.requires_grad])
+        layer(x).square().sum().backward()
+        optimizer.step()
+    return mutate
+
+
+def load(assign):
+    def mutate(layer, x):
+        layer.load_state_dict(trained_layer(seed=7).state_dict(), assign=assign)
+    return mutate
+
+
+def swap(layer, x):
+    torch.utils.swap_tensors(layer.lora_A, nn.Parameter(torch.randn_like(layer.lora_A)))
+
+
+def to_float_and_back(layer, x):
+    layer.float()
+    with torch.no_grad():
+        layer.lora_B.add_(0.1)
+    layer.double()
+
+
+MUTATIONS = {
+    "AdamW fused": optimizer_step(lambda p: torch.optim.AdamW(p, lr=0.1, fused=True)),
+    "AdamW foreach": optimizer_step(lambda p: torch.optim.AdamW(p, lr=0.1, foreach=True)),
+    "SGD for-loop": optimizer_step(lambda p: torch.optim.SGD(p, lr=0.1, foreach=False)),
+    "weight.data.copy_": lambda layer, x: layer.weight.data.copy_(torch.randn(5, 6)),
+    "lora_B.data.copy_": lambda layer, x: layer.lora_B.data.copy_(torch.randn(5, 3)),
+    "magnitude.data.mul_": lambda layer, x: layer.magnitude.data.mul_(2),
+    "load_state_dict": load(assign=False),
+    "load_state_dict(assign=True)": load(assign=True),
+    "swap_tensors": swap,
+    ".float() and .double()": to_float_and_back,
+    "scaling": lambda layer, x: setattr(layer, "scaling", 3.7),
+}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_no_stale_value_after_any_change_of_the_parameters(mutation):
+    """After each way a parameter can change, the layer computes what a layer freshly built from
+    its state computes, in training and in eval mode (both used once before the change)."""
+    layer = trained_layer()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    before = outputs(layer, x)
+    MUTATIONS[mutation](layer, x)
+    after, expected = outputs(layer, x), outputs(fresh_copy(layer), x)
+    assert not torch.allclose(after[0], before[0])  # the change did change the output
+    for got, want in zip(after, expected):
+        assert rel_error(got.numpy(), want.numpy()) < 1e-14
+
+
+# --- precision under cancellation ---------------------------------------------------------------
+
+def cancelling_problem(seed, dtype, smallest, out_features=6, in_features=8, r=4, tokens=5):
+    """W0 = C A + (a part of size ε·‖C A‖ per row) and B = -C/s: each row of V' = W0 + s·B A is
+    ε times W0's row, with ε between `smallest` and 1 (log-uniform, one per row)."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    s = 2.0
+    A, C = randn(r, in_features), randn(out_features, r)
+    eps = smallest ** torch.rand(out_features, 1, generator=g, dtype=torch.float64)
+    rest = randn(out_features, in_features)
+    rest *= eps * (C @ A).norm(dim=1, keepdim=True) / rest.norm(dim=1, keepdim=True)
+    W0, B = C @ A + rest, -C / s
+    m = W0.norm(dim=1) * (1 + 0.1 * randn(out_features))
+    x, G = randn(tokens, in_features), randn(tokens, out_features)
+    # the magnitude is float32 in bf16/fp16 layers, as DoRALinear keeps it
+    m_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return (x.to(dtype), W0.to(dtype), A.to(dtype), B.to(dtype), m.to(m_dtype),
+            G.to(dtype)), s
+
+
+def values_and_gradients(f, x, W0, A, B, m, G):
+    x, A, B, m = (t.detach().clone().requires_grad_() for t in (x, A, B, m))
+    y = f(x, W0, A, B, m)
+    return [y.detach(), *torch.autograd.grad(y, (x, A, B, m), G)]
+
+
+@pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
+@given(seed=st.integers(0, 2**31), dtype=st.sampled_from(
+    [torch.float64, torch.float32, torch.bfloat16, torch.float16]))
+def test_under_cancellation_errors_stay_within_4x_of_the_textbook_formula(seed, dtype,
+                                                                          detach_norm):
+    """Rows of V' down to 1e-6·‖W0‖ (float32/64) or 1e-2·‖W0‖ (bf16/fp16). The yardstick is the
+    textbook formula in the same dtype, or eps·κ (κ = the largest ‖w_j‖/‖v'_j‖), the size of its
+    rounding error, when it happens to be luckier than that. ‖V'‖_c, y and every gradient stay
+    within 4 times of it, and no row with ‖V'‖ > 0 gets norm 0."""
+    smallest = 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2
+    (x, W0, A, B, m, G), s = cancelling_problem(seed, dtype, smallest)
+    inputs64 = [t.double() for t in (x, W0, A, B, m, G)]
+    V64 = inputs64[1] + s * inputs64[3] @ inputs64[2]
+    norm64 = torch.linalg.vector_norm(V64, dim=1)
+    floor = torch.finfo(dtype).eps * float((inputs64[1].norm(dim=1) / norm64).max())
+
+    norm = adapted_row_norm(W0, A, B, s).double()
+    textbook_norm = torch.linalg.vector_norm(W0 + s * B @ A, dim=1).double()
+    assert (norm > 0).all()
+    row_error = lambda n: ((n - norm64).abs() / norm64).max().item()  # noqa: E731
+    assert row_error(norm) <= 4 * max(row_error(textbook_norm), floor)
+
+    def textbook(x, W0, A, B, m):
+        return textbook_dora(x, W0, A, B, m.to(W0.dtype), s, None, detach_norm)
+    ours = values_and_gradients(lambda x, W0, A, B, m: dora_linear(
+        x, W0, A, B, m, s, detach_norm=detach_norm), x, W0, A, B, m, G)
+    theirs = values_and_gradients(textbook, x, W0, A, B, m, G)
+    truth = values_and_gradients(textbook, *inputs64)
+    for name, a, b, t in zip(["y", "x", "A", "B", "m"], ours, theirs, truth):
+        error = rel_error(a.double().numpy(), t.numpy())
+        assert error <= 4 * max(rel_error(b.double().numpy(), t.numpy()), floor), name
+
+
+def test_exact_mode_gradient_for_rows_of_norm_1e_17_in_float32():
+    """‖V'‖³ = 1e-51 is below float32's range; the exact gradient divides by ‖V'‖ one factor at
+    a time and stays the exact one (not the detached one) and finite."""
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(4, 5, generator=g, dtype=torch.float64) * 1e-17
+    A, B = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64)
+    B[:, 0] = 1e-18
+    m, x, G = torch.ones(4, dtype=torch.float64), torch.randn(3, 5, generator=g,
+                                                              dtype=torch.float64), torch.randn(
+        3, 4, generator=g, dtype=torch.float64)
+    got = values_and_gradients(lambda x, W0, A, B, m: dora_linear(
+        x, W0, A, B, m, 1.0, detach_norm=False), *(t.float() for t in (x, W0, A, B, m, G)))
+    want = values_and_gradients(lambda x, W0, A, B, m: textbook_dora(
+        x, W0, A, B, m, 1.0, None, False), x, W0, A, B, m, G)
+    detached = values_and_gradients(lambda x, W0, A, B, m: textbook_dora(
+        x, W0, A, B, m, 1.0, None, True), x, W0, A, B, m, G)
+    assert rel_error(detached[3].numpy(), want[3].numpy()) > 0.1  # the norm's path matters
+    for name, a, b in zip(["y", "x", "A", "B", "m"], got, want):
+        assert torch.isfinite(a).all(), name
+        assert rel_error(a.double().numpy(), b.numpy()) < 1e-5, name
+
+
+# --- torch.func, double backward ----------------------------------------------------------------
+
+TRAINABLE = ("lora_A", "lora_B", "magnitude")
+
+
+def textbook_call(layer, params, x):
+    """The layer's map written out for plain autograd (Eq. 5), from a dict of its parameters."""
+    V = params["weight"] + layer.scaling * params["lora_B"] @ params["lora_A"]
+    norm = torch.linalg.vector_norm(V, dim=1)
+    norm = norm.detach() if layer.detach_norm else norm
+    return nn.functional.linear(x, params["magnitude"][:, None] * V / norm[:, None],
+                                params["bias"])
+
+
+@pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
+def test_torch_func_grad_jacrev_vmap_and_functional_call(detach_norm):
+    layer = trained_layer(detach_norm=detach_norm)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    frozen = {k: v for k, v in params.items() if k not in TRAINABLE}
+    train = {k: params[k] for k in TRAINABLE}
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def ours(t, x):
+        return functional_call(layer, {**frozen, **t}, (x,))
+
+    def textbook(t, x):
+        return textbook_call(layer, {**frozen, **t}, x)
+
+    for transform in (lambda f: grad(lambda t: f(t, x).square().sum()),
+                      lambda f: jacrev(lambda t: f(t, x))):
+        got, want = transform(ours)(train), transform(textbook)(train)
+        for name in TRAINABLE:
+            assert rel_error(got[name].numpy(), want[name].numpy()) < 1e-12, name
+    got, want = jacrev(layer)(x), jacrev(lambda x: textbook(train, x))(x)
+    assert rel_error(got.detach().numpy(), want.numpy()) < 1e-12
+    batch = torch.randn(3, 4, 6, dtype=torch.float64)
+    for mode in (layer.train(), layer.eval()):
+        with torch.no_grad():
+            assert rel_error(vmap(mode)(batch).numpy(), textbook(train, batch).numpy()) < 1e-13
+
+
+@pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
+def test_double_backward_of_a_gradient_penalty(detach_norm):
+    """create_graph=True: the gradient of ‖∂L/∂x‖² with respect to the adapter is plain
+    autograd's on the textbook formula (so the Function's backward is differentiable too)."""
+    layer = trained_layer(detach_norm=detach_norm)
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def penalty_gradients(f, parameters):
+        xr = x.clone().requires_grad_()
+        grad_x, = torch.autograd.grad(f(xr).square().sum(), xr, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), parameters)
+
+    params = {k: v.detach().clone().requires_grad_(k in TRAINABLE)
+              for k, v in layer.named_parameters()}
+    got = penalty_gradients(layer, [getattr(layer, k) for k in TRAINABLE])
+    want = penalty_gradients(lambda x: textbook_call(layer, params, x),
+                             [params[k] for k in TRAINABLE])
+    for name, a, b in zip(TRAINABLE, got, want):
+        assert rel_error(a.numpy(), b.numpy()) < 1e-12, name
+
+
+# --- torch.compile, torch.export --------------------------------------------------------------
+
+def compile_over_batch_sizes(backend):
+    """fullgraph=True, dynamic=True: forward and backward at 8 batch sizes agree with eager;
+    returns how many graphs dynamo compiled."""
+    torch._dynamo.reset()
+    layer = trained_layer(dtype=torch.float32)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend=backend)
+    compiles_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for tokens in (3, 5, 8, 13, 21, 34, 55, 89):
+        x = torch.randn(tokens, 6)
+        for module in (compiled, layer):
+            layer.zero_grad()
+            y = module(x)
+            y.square().sum().backward()
+            if module is compiled:
+                y_compiled = y.detach()
+                grads = [layer.lora_A.grad.clone(), layer.lora_B.grad.clone(),
+                         layer.magnitude.grad.clone()]
+        assert rel_error(y_compiled.numpy(), y.detach().numpy()) < 1e-5
+        for a, p in zip(grads, (layer.lora_A, layer.lora_B, layer.magnitude)):
+            assert rel_error(a.numpy(), p.grad.numpy()) < 1e-5
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiles_before
+
+
+def test_torch_compile_fullgraph_dynamic_aot_eager_compiles_at_most_twice():
+    assert compile_over_batch_sizes("aot_eager") <= 2
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_dynamic_inductor_compiles_at_most_twice():
+    assert compile_over_batch_sizes("inductor") <= 2
+
+
+def test_torch_export_runs_under_grad_mode_and_differentiates():
+    layer = trained_layer(dtype=torch.float32)
+    x = torch.randn(4, 6)
+    exported = torch.export.export(layer, (x,)).module()
+    xr = x.clone().requires_grad_()
+    y = exported(xr)
+    y.square().sum().backward()
+    xe = x.clone().requires_grad_()
+    ye = layer(xe)
+    ye.square().sum().backward()
+    assert rel_error(y.detach().numpy(), ye.detach().numpy()) < 1e-6
+    assert rel_error(xr.grad.numpy(), xe.grad.numpy()) < 1e-6
+
+
+# --- the meta device ----------------------------------------------------------------------------
+
+def test_meta_device_build_then_to_empty_then_reset_or_load():
+    reference_layer = trained_layer(dtype=torch.float32)
+    x = torch.randn(4, 6)
+    moved = trained_layer(dtype=torch.float32).to("meta")
+    assert moved.magnitude.is_meta and moved.magnitude.dtype == torch.float32
+    with torch.device("meta"):
+        layer = DoRALinear(6, 5, r=3, lora_alpha=6)
+    assert all(p.is_meta for p in layer.parameters())
+    layer.to_empty(device="cpu")
+    assert not any(p.is_meta for p in layer.parameters())
+    assert layer.magnitude.dtype == torch.float32
+    layer.reset_parameters()  # a working layer equal to its base at init
+    base = nn.functional.linear(x, layer.weight, layer.bias)
+    assert rel_error(layer(x).detach().numpy(), base.detach().numpy()) < 1e-6
+    for assign in (False, True):
+        with torch.device("meta"):
+            layer = DoRALinear(6, 5, r=3, lora_alpha=6)
+        if not assign:
+            layer.to_empty(device="cpu")
+        layer.load_state_dict(reference_layer.state_dict(), assign=assign)
+        assert torch.equal(layer(x), reference_layer(x))
+        assert layer.magnitude.requires_grad and not layer.weight.requires_grad
+
+
+# --- FSDP2 --------------------------------------------------------------------------------------
+
+def fsdp_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = dm.inject_adapters(model, dm.LoraConfig(r=2, lora_alpha=4, use_dora=True))
+    with torch.no_grad():
+        for layer in model[::2]:
+            layer.lora_B.normal_()
+    return model
+
+
+def fsdp_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+
+
+def _fsdp_worker(rank, port, path, mixed_precision):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    model = fsdp_model()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed_precision else MixedPrecisionPolicy()
+    for layer in model[::2]:  # one group per adapted layer, then the rest
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    x, y = fsdp_data()
+    shard = slice(4 * rank, 4 * rank + 4)
+    nn.functional.mse_loss(model(x[shard]).float(), y[shard]).backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    if rank == 0:
+        torch.save(grads, path)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # gloo's threads can abort the interpreter's teardown after the work is done
+
+
+@pytest.mark.parametrize("mixed_precision", [
+    False, pytest.param(True, marks=pytest.mark.slow)], ids=["float32", "bf16-compute"])
+def test_fsdp2_gradients_equal_one_process_on_the_full_batch(tmp_path, mixed_precision):
+    """Two gloo processes, half the batch each, float32 parameters. With param_dtype=bf16 the
+    one-process reference computes with the parameters rounded to bf16, as FSDP2 does."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "grads.pt"
+    mp.start_processes(_fsdp_worker, args=(port, str(path), mixed_precision), nprocs=2,
+                       start_method="spawn")
+    sharded = torch.load(path)
+    model = fsdp_model()
+    if mixed_precision:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16())
+        model = model.bfloat16()  # DoRALinear keeps its magnitude float32 (rounded above)
+    x, y = fsdp_data()
+    nn.functional.mse_loss(model(x.to(model[0].weight.dtype)).float(), y).backward()
+    single = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert sharded.keys() == single.keys() and len(single) == 6
+    for name, grad_single in single.items():
+        tolerance = 2e-2 if mixed_precision else 1e-6
+        assert rel_error(sharded[name].float().numpy(), grad_single.float().numpy()) < tolerance
