@@ -47,6 +47,8 @@ def accumulation_dtype(dtype):
 
 def _divide_or_zero(numerator, denominator):
     """numerator / denominator, and 0 where the denominator is 0 (the zero-row rule)."""
+    if plain_eager():
+        return (numerator / denominator).masked_fill_(denominator == 0, 0)
     return torch.where(denominator != 0, numerator / denominator, 0.0)
 
 
@@ -78,8 +80,8 @@ def adapted_rows(weight, lora_A, lora_B, scaling, rows=slice(None)):
     """V'[rows] = W0[rows] + s·B[rows] A (rows, in), a new tensor in the accumulation dtype."""
     acc = accumulation_dtype(weight.dtype)
     B, A = lora_B[rows].to(acc), lora_A.to(acc)
-    if plain_eager():  # one temporary: the copy of W0's rows takes the product in place
-        return weight[rows].to(acc, copy=True).addmm_(B, A, alpha=scaling)
+    if weight.dtype != acc and plain_eager():  # one temporary: the copy takes the product
+        return weight[rows].to(acc).addmm_(B, A, alpha=scaling)
     # Eq. 5: V' = W0 + s·B A
     return torch.addmm(weight[rows].to(acc), B, A, alpha=scaling)
 
@@ -142,19 +144,46 @@ def low_rank_then_base(x2, xA, weight, lora_B, scaling):
     return torch.addmm(y0, x2, weight.T, beta=scaling)
 
 
+# A step of at most this many multiply-adds (tokens·in·out) takes the small-step path.
+SMALL_STEP = 2**26
+
+
+def forms_merged_weight(x, x_adapter, weight):
+    """Whether DoRAFunction forms V' and W' = c ⊙ V' (out, in) and makes one product with x.
+
+    In a small step (tokens·in·out ≤ SMALL_STEP: a toy model's layer) time goes to the number of
+    operations, not to arithmetic, and forming W' (as the textbook formula does) takes about a
+    third as many as the factored path; its backward's extra product G^T x (out, in) is then
+    cheap. Only for float32/float64 (in bf16 the scale c stays float32 on the output), without
+    dropout (x_a = x), and in plain eager calls (torch.compile sees one path for all shapes)."""
+    return (x_adapter is None and weight.dtype == accumulation_dtype(weight.dtype)
+            and x.numel() * weight.shape[0] <= SMALL_STEP
+            and not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is None)
+
+
 class DoRAFunction(torch.autograd.Function):
     """y = (m / ‖W0 + s·B A‖_c) ⊙ (x W0^T + s·(x_a A^T) B^T) + b with a hand-written backward.
 
     x_a is the adapter branch's input (dropout(x) in training, else x itself). W0 is frozen.
-    apply() returns (y, y0, c, ‖V'‖_c, x_a A^T); all but y are kept for backward and carry no
-    gradient. torch.func (grad, jacrev, vmap) and torch.compile can use it as it is.
+    apply() returns (y, c, ‖V'‖_c, x_a A^T, y0), or (y, c, ‖V'‖_c, V', W') when `small` (see
+    forms_merged_weight); all but y are kept for backward and carry no gradient. torch.func (grad, jacrev, vmap) and torch.compile can use it as it is.
     """
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm):
+    def forward(x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
+                small=False):
         in_features, out_features = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, in_features)  # (T, in)
+        if small:
+            # a small step: form V' and W' themselves and make one product with x
+            V = adapted_rows(weight, lora_A, lora_B, scaling)  # (out, in)
+            norm = torch.linalg.vector_norm(V, dim=1)  # (out,)
+            c = _divide_or_zero(magnitude.to(norm.dtype), norm)  # (out,)
+            W = V * c[:, None]  # (out, in): Eq. 5, W' = m · V'/‖V'‖_c
+            y = F.linear(x2, W, bias)  # (T, out)
+            return y.reshape(*x.shape[:-1], out_features), c, norm, V, W
         xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, in_features)  # (T, in)
         # first the norm, so that its blocks of V' are freed before y0 and y exist
         norm = adapted_row_norm(weight, lora_A, lora_B, scaling)  # (out,)
@@ -163,31 +192,37 @@ class DoRAFunction(torch.autograd.Function):
         xA = xa2 @ lora_A.T  # (T, r)
         y0 = low_rank_then_base(x2, xA, weight, lora_B, scaling)  # (T, out)
         y = scale_outputs(y0, c, bias)  # y = c ⊙ y0 + b
-        return y.reshape(*x.shape[:-1], out_features), y0, c, norm, xA
+        return y.reshape(*x.shape[:-1], out_features), c, norm, xA, y0
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm = inputs
-        _, y0, c, norm, xA = output
-        ctx.mark_non_differentiable(y0, c, norm, xA)
+        x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm, *small = inputs
+        _, c, norm, saved, saved_large = output  # (x A^T, y0), or (V', W') for a small step
+        ctx.mark_non_differentiable(c, norm, saved, saved_large)
         ctx.set_materialize_grads(False)  # no zero (T, out) gradients for y0 and the others
+        ctx.small = bool(small) and small[0]
         # y0 (T, out) is kept only for Eq. 7 and the exact mode's norm path
-        needs_y0 = ctx.needs_input_grad[5] or not detach_norm
-        ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, magnitude, c, norm, xA,
-                              y0 if needs_y0 else None)
+        if not ctx.small and not (ctx.needs_input_grad[5] or not detach_norm):
+            saved_large = None
+        ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, magnitude, c, norm, saved,
+                              saved_large)
         ctx.scaling, ctx.detach_norm = scaling, detach_norm
 
     @staticmethod
     def backward(ctx, grad_y, *_):
         x, x_adapter, weight, lora_A, lora_B, magnitude, c, norm, xA, y0 = ctx.saved_tensors
         if grad_y is None:  # y took no part in the loss
-            return (None,) * 9
+            return (None,) * 10
         s, detach_norm, needs = ctx.scaling, ctx.detach_norm, ctx.needs_input_grad
         in_features, out_features = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, in_features)  # (T, in)
         xa2 = None if x_adapter is None else x_adapter.reshape(-1, in_features)
         G = grad_y.reshape(-1, out_features)  # (T, out)
-        if plain_eager():
+        if plain_eager() and ctx.small:
+            V, W = xA, y0  # what a small step saved
+            grads = _backward_small(G, x2, weight, lora_A, lora_B, magnitude, c, norm, V, W, s,
+                                    detach_norm, needs)
+        elif plain_eager():
             grads = _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm,
                                         xA, y0, s, detach_norm, needs)
         else:
@@ -205,7 +240,29 @@ class DoRAFunction(torch.autograd.Function):
             grad_x = grad_x.reshape(x.shape)
         if grad_xa is not None:
             grad_xa = grad_xa.reshape(x.shape)
-        return grad_x, grad_xa, None, grad_A, grad_B, grad_m, grad_bias, None, None
+        return grad_x, grad_xa, None, grad_A, grad_B, grad_m, grad_bias, None, None, None
+
+
+def _backward_small(G, x2, weight, lora_A, lora_B, magnitude, c, norm, V, W, s, detach_norm,
+                    needs):
+    """Backward of a small step, through W' = c ⊙ V' (out, in): with ∂L/∂W' = G^T x,
+    Eq. 7 ∂L/∂m = rowsum(∂L/∂W' ⊙ V') / ‖V'‖_c, Eq. 11 ∂L/∂V' = c ⊙ ∂L/∂W' (+ the norm's path of
+    Eq. 6 in exact mode), ∂L/∂B = s·∂L/∂V' A^T, ∂L/∂A = s·B^T ∂L/∂V', ∂L/∂x = G W'."""
+    grad_x = G @ W if needs[0] else None  # (T, in)
+    grad_A = grad_B = grad_m = None
+    if needs[3] or needs[4] or needs[5]:
+        grad_W = G.T @ x2  # (out, in): ∂L/∂W'
+        sum_G_y0 = torch.linalg.vecdot(grad_W, V)  # (out,): Σ_t G ⊙ y0, as y0 = x V'^T
+        grad_m, grad_norm = magnitude_and_norm_grads(sum_G_y0, magnitude, norm, c, detach_norm)
+        grad_V = grad_W.mul_((s * c)[:, None])  # (out, in): s·∂L/∂V', Eq. 11
+        if grad_norm is not None:  # Eq. 6: ∂L/∂V'_j += (∂L/∂‖V'_j‖) V'_j/‖V'_j‖
+            unit = V / norm.clamp_min(torch.finfo(norm.dtype).tiny)[:, None]  # V̂ (out, in)
+            grad_V.addcmul_(unit, (s * grad_norm)[:, None])
+        grad_A = lora_B.T @ grad_V if needs[3] else None  # (r, in): s·B^T ∂L/∂V'
+        grad_B = grad_V @ lora_A.T if needs[4] else None  # (out, r): s·∂L/∂V' A^T
+        grad_m = grad_m if needs[5] else None
+    grad_bias = G.sum(0) if needs[6] else None
+    return grad_x, None, grad_A, grad_B, grad_m, grad_bias
 
 
 def _backward_whole(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA, y0, s,
@@ -296,6 +353,17 @@ def _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, 
     return grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias
 
 
+def apply_dora_function(x, x_adapter, weight, *args):
+    """DoRAFunction.apply with every argument given positionally, and `small` chosen by
+    forms_merged_weight. In plain eager calls it calls autograd's C++ entry directly:
+    Function.apply would first bind the arguments to forward's signature with inspect, about
+    90 µs a call on a 2-core CPU, more than a toy layer's whole forward."""
+    small = forms_merged_weight(x, x_adapter, weight)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return DoRAFunction.apply(x, x_adapter, weight, *args, small)
+    return super(torch.autograd.Function, DoRAFunction).apply(x, x_adapter, weight, *args, small)
+
+
 def _block_tokens(tokens, in_features, out_features):
     """Tokens per block of backward: a quarter of them, and no more than makes the (t, out) buffer
     half the size of ∂L/∂x (T, in) when out > 2·in; a multiple of 256, at least 512. Small blocks
@@ -363,8 +431,8 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
     if lora_input is not None and lora_input.shape != x.shape:
         raise ValueError(f"lora_input: expected x's shape {tuple(x.shape)}, "
                          f"got {tuple(lora_input.shape)}")
-    return DoRAFunction.apply(x, lora_input, weight, lora_A, lora_B, magnitude, bias, s,
-                              detach_norm)[0]
+    return apply_dora_function(x, lora_input, weight, lora_A, lora_B, magnitude, bias, s,
+                               detach_norm)[0]
 
 
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, lora_input=None):

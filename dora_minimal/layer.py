@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checks import check_bool, check_dropout, check_positive, check_positive_int, check_rank
-from .functional import (DoRAFunction, _divide_or_zero, accumulation_dtype, adapted_row_norm,
-                         autocast_dtype, check_functional_arguments, dora_linear,
+from .functional import (_divide_or_zero, accumulation_dtype, adapted_row_norm,
+                         apply_dora_function, autocast_dtype, check_functional_arguments, dora_linear,
                          lora_forward, lora_linear, merged_weight, scale_outputs)
 
 
@@ -155,8 +155,9 @@ class DoRALinear(nn.Module):
     def forward(self, x):
         autocast = autocast_dtype(x) is not None
         if not autocast:  # (under autocast the functional forms below check, after casting)
-            s = check_functional_arguments(x, self.weight, self.lora_A, self.lora_B,
-                                           self.magnitude, self.bias, self.scaling, self.use_dora)
+            s = self.scaling if self._well_formed(x) else check_functional_arguments(
+                x, self.weight, self.lora_A, self.lora_B, self.magnitude, self.bias, self.scaling,
+                self.use_dora)
         if self.merged:
             if self.training and torch.is_grad_enabled() and not self._warned_merged_training \
                     and any(p is not None and p.requires_grad for p in self._adapter()):
@@ -178,9 +179,26 @@ class DoRALinear(nn.Module):
             x.requires_grad or any(p.requires_grad for p in (self.lora_A, self.lora_B,
                                                              self.magnitude)))
         if self.training or needs_grad:  # checked above: straight to the autograd.Function
-            return DoRAFunction.apply(x, lora_input, self.weight, self.lora_A, self.lora_B,
-                                      self.magnitude, self.bias, s, self.detach_norm)[0]
+            return apply_dora_function(x, lora_input, self.weight, self.lora_A, self.lora_B,
+                                       self.magnitude, self.bias, s, self.detach_norm)[0]
         return self._inference(x)
+
+    def _well_formed(self, x):
+        """A quick yes for the usual call (x and the parameters as the layer made them); for
+        anything else check_functional_arguments decides and says what is wrong."""
+        W, A, B, m, bias = self.weight, self.lora_A, self.lora_B, self.magnitude, self.bias
+        out_features, in_features, r = self.out_features, self.in_features, self.r
+        return (isinstance(x, torch.Tensor) and x.dtype == W.dtype and x.device == W.device
+                and x.ndim >= 1 and x.shape[-1] == in_features
+                and W.shape == (out_features, in_features) and A.shape == (r, in_features)
+                and B.shape == (out_features, r) and A.dtype == B.dtype == W.dtype
+                and A.device == B.device == W.device
+                and (m is None or (m.shape == (out_features,) and m.device == W.device))
+                and (bias is None or (bias.shape == (out_features,) and bias.dtype == W.dtype
+                                      and bias.device == W.device))
+                and not (W.requires_grad and torch.is_grad_enabled())
+                and isinstance(self.scaling, float) and 0 < self.scaling < math.inf
+                and (m is not None) == self.use_dora)
 
     def _adapter(self):
         return self.lora_A, self.lora_B, self.magnitude

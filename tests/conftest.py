@@ -40,3 +40,14 @@ def dora(request):
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     return importlib.import_module(IMPLEMENTATIONS[request.config.getoption("--impl")])
+
+
+@pytest.fixture(scope="module", params=["small-step", "factored"])
+def dora_path(request):
+    """Runs a test with each of DoRAFunction's two paths: forming W' for small steps (as chosen
+    at these sizes) and the factored path that larger steps take."""
+    from dora_minimal import functional
+    saved = functional.SMALL_STEP
+    functional.SMALL_STEP = saved if request.param == "small-step" else -1
+    yield request.param
+    functional.SMALL_STEP = saved

@@ -17,6 +17,7 @@ from dora_minimal.bench import PeakMemory
 from helpers import problems, rel_error
 
 DATA = Path(__file__).parent / "data"
+pytestmark = pytest.mark.usefixtures("dora_path")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])]
 
@@ -130,8 +131,10 @@ def test_adapter_input_gets_its_own_gradient():
 @pytest.mark.parametrize("detach_norm", [True, False])
 @pytest.mark.parametrize("separate_adapter_input", [False, True])
 def test_backward_over_several_token_blocks_agrees_with_the_reference(detach_norm,
-                                                                      separate_adapter_input):
+                                                                      separate_adapter_input,
+                                                                      monkeypatch):
     """Backward forms its (tokens, out) temporaries in blocks of >= 512 tokens: 1500 make three."""
+    monkeypatch.setattr(functional, "SMALL_STEP", -1)  # the path of large steps
     rng = np.random.default_rng(4)
     x, xa, G = (rng.standard_normal((3, 500, 6)), rng.standard_normal((3, 500, 6)),
                 rng.standard_normal((3, 500, 5)))
@@ -169,6 +172,7 @@ def test_forward_forms_v_prime_one_bounded_block_of_rows_at_a_time(monkeypatch, 
     V' rows (16 rows here, where V' has 256): never V' (out, in) whole, 16 times y's size."""
     T, n_in, n_out, r = 16, 256, 256, 2
     monkeypatch.setattr(functional, "NORM_BLOCK_ELEMENTS", 16 * n_in)
+    monkeypatch.setattr(functional, "SMALL_STEP", -1)  # the path of large steps
     x, W0, A, B, m, _ = training_inputs(T, n_in, n_out, r)
     with PeakMemory() as memory:
         y = dora_linear(x, W0, A, B, m, 2.0, detach_norm=detach_norm)
@@ -178,12 +182,13 @@ def test_forward_forms_v_prime_one_bounded_block_of_rows_at_a_time(monkeypatch, 
 
 
 @pytest.mark.parametrize("detach_norm", [True, False])
-def test_backward_holds_one_block_of_tokens_at_a_time(detach_norm):
+def test_backward_holds_one_block_of_tokens_at_a_time(detach_norm, monkeypatch):
     """Backward's (T, out) temporaries are formed a block of tokens at a time, in one buffer: at
     its peak it holds ∂L/∂x, one block (512 tokens here, where out = 8·in) and pieces r wide or
     (out,) long, nothing of size (T, out). Two blocks alive at once would not fit. The eight
     blocks (the last one short) give the gradients of plain autograd on the textbook formula."""
     T, n_in, n_out, r = 4000, 8, 64, 2
+    monkeypatch.setattr(functional, "SMALL_STEP", -1)  # the path of large steps
     x, W0, A, B, m, G = training_inputs(T, n_in, n_out, r)
     y = dora_linear(x, W0, A, B, m, 2.0, detach_norm=detach_norm)
     with PeakMemory() as memory:

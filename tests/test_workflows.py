@@ -131,6 +131,7 @@ def values_and_gradients(f, x, W0, A, B, m, G):
 @pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
 @given(seed=st.integers(0, 2**31), dtype=st.sampled_from(
     [torch.float64, torch.float32, torch.bfloat16, torch.float16]))
+@pytest.mark.usefixtures("dora_path")
 def test_under_cancellation_errors_stay_within_4x_of_the_textbook_formula(seed, dtype,
                                                                           detach_norm):
     """Rows of V' down to 1e-6·‖W0‖ (float32/64) or 1e-2·‖W0‖ (bf16/fp16). The yardstick is the
@@ -161,6 +162,7 @@ def test_under_cancellation_errors_stay_within_4x_of_the_textbook_formula(seed, 
         assert error <= 4 * max(rel_error(b.double().numpy(), t.numpy()), floor), name
 
 
+@pytest.mark.usefixtures("dora_path")
 def test_exact_mode_gradient_for_rows_of_norm_1e_17_in_float32():
     """‖V'‖³ = 1e-51 is below float32's range; the exact gradient divides by ‖V'‖ one factor at
     a time and stays the exact one (not the detached one) and finite."""
@@ -198,6 +200,7 @@ def textbook_call(layer, params, x):
 
 
 @pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
+@pytest.mark.usefixtures("dora_path")
 def test_torch_func_grad_jacrev_vmap_and_functional_call(detach_norm):
     layer = trained_layer(detach_norm=detach_norm)
     params = {k: v.detach() for k, v in layer.named_parameters()}
@@ -225,6 +228,7 @@ def test_torch_func_grad_jacrev_vmap_and_functional_call(detach_norm):
 
 
 @pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
+@pytest.mark.usefixtures("dora_path")
 def test_double_backward_of_a_gradient_penalty(detach_norm):
     """create_graph=True: the gradient of ‖∂L/∂x‖² with respect to the adapter is plain
     autograd's on the textbook formula (so the Function's backward is differentiable too)."""
