@@ -10,6 +10,7 @@ the scale to a dropped-out base branch too when dropout > 0; both agree when dro
 """
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -67,6 +68,7 @@ class DoRALinear(nn.Module):
             out_features, device=device, dtype=acc)) if use_dora else None)
         self.dropout = nn.Dropout(self.lora_dropout) if self.lora_dropout > 0 else nn.Identity()
         self.merged = False
+        self._warned_merged = False  # warned once that a merged layer trains no adapter
         self._merged_norm = None  # ‖V'‖_c at merge time, what unmerge() needs
         self._caches = {}
         self.reset_parameters()
@@ -105,6 +107,15 @@ class DoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B)
             if self.magnitude is not None:
                 self.magnitude.copy_(weight_norm_sq(self.weight).sqrt())  # as forward computes it
+
+    def reset_magnitude(self):
+        """m = ‖W0‖_c from the current weight (after loading pretrained weights into the layer)."""
+        if self.merged:
+            raise ValueError("reset_magnitude(): the layer is merged; call unmerge() first")
+        if self.magnitude is not None:
+            with torch.no_grad():
+                self.magnitude.copy_(torch.linalg.vector_norm(self.weight, dim=1,
+                                                              dtype=self.magnitude.dtype))
 
     # --- caches: only ever keyed by the exact contents they were computed from ----------------
 
@@ -163,6 +174,12 @@ class DoRALinear(nn.Module):
             s = check_functional_arguments(x, self.weight, self.lora_A, self.lora_B,
                                            self.magnitude, self.bias, self.scaling, self.use_dora)
         if self.merged:
+            if self.training and torch.is_grad_enabled() and not self._warned_merged and any(
+                    p is not None and p.requires_grad
+                    for p in (self.lora_A, self.lora_B, self.magnitude)):
+                self._warned_merged = True
+                warnings.warn("DoRALinear is merged: its adapters get no gradient in training; "
+                              "call unmerge() before training it", stacklevel=2)
             return F.linear(x, self.weight, self.bias)
         lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
         if autocast:  # they compute in autocast's dtype; m, the norms and c stay float32
@@ -250,6 +267,9 @@ class DoRALinear(nn.Module):
             linear.weight.copy_(W)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
+        linear.weight.requires_grad_(self.weight.requires_grad)  # frozen stays frozen
+        if self.bias is not None:
+            linear.bias.requires_grad_(self.bias.requires_grad)
         return linear
 
     def get_extra_state(self):

@@ -62,16 +62,27 @@ def trained(model, seed=1):
 def test_lora_config_defaults_and_validation():
     config = dm.LoraConfig()
     assert (config.r, config.lora_alpha, config.lora_dropout, config.target_modules,
-            config.use_dora) == (8, 16, 0.0, None, False)
-    assert dm.LoraConfig(target_modules=["fc1"]).target_modules == ("fc1",)
+            config.use_dora, config.detach_norm) == (8, 8, 0.0, None, False, True)
+    assert dm.LoraConfig(target_modules=["fc2", "fc1"]).target_modules == ("fc1", "fc2")
+    assert dm.LoraConfig(target_modules="ALL-Linear").target_modules == "all-linear"
     for kwargs, error in [({"r": 0}, ValueError), ({"r": 2.5}, TypeError),
                           ({"lora_alpha": 0}, ValueError), ({"lora_dropout": 1.0}, ValueError),
                           ({"target_modules": []}, ValueError),
-                          ({"target_modules": "fc1"}, TypeError),
+                          ({"target_modules": "fc(1"}, ValueError),
+                          ({"target_modules": 3}, TypeError),
                           ({"target_modules": ["fc1", ""]}, TypeError),
-                          ({"use_dora": "yes"}, TypeError)]:
-        with pytest.raises(error):
+                          ({"use_dora": "yes"}, TypeError), ({"detach_norm": 1}, TypeError),
+                          ({"bias": "all"}, ValueError)]:
+        with pytest.raises(error, match=next(iter(kwargs))):
             dm.LoraConfig(**kwargs)
+
+
+def test_lora_config_defaults_are_peft_defaults():
+    peft = pytest.importorskip("peft")
+    ours, theirs = dm.LoraConfig(), peft.LoraConfig()
+    for field in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "bias",
+                  "task_type"):
+        assert getattr(ours, field) == getattr(theirs, field), field
 
 
 # --- inject, merge, count ---------------------------------------------------------------------
@@ -106,7 +117,7 @@ def test_inject_every_linear_when_no_target_is_given():
 def test_an_unmatched_target_lists_the_linear_layers_and_changes_nothing():
     model = toy_model()
     before = state_of(model)
-    with pytest.raises(ValueError, match=r"\['attn'\] match no nn.Linear.*0.fc1"):
+    with pytest.raises(ValueError, match=r"\['attn'\] match no layer.*0.fc1"):
         dm.inject_adapters(model, dm.LoraConfig(target_modules=["fc1", "attn"]))
     assert same_state(state_of(model), before)
     assert not dm.adapters.adapter_layers(model)
