@@ -179,7 +179,7 @@ def build_adapters(model, config):
             raise ValueError(f"target_modules: {targets!r} matches {wrong}, which cannot be "
                              f"adapted; the layers that can are {listed}")
         every_name = [name for n in names.values() for name in n]
-        unmatched = ([targets] if not chosen else [] if isinstance(targets, str) else
+        unmatched = (([] if chosen else [targets]) if isinstance(targets, str) else
                      [t for t in targets if not any(_name_matches(n, t) for n in every_name)])
         if unmatched:
             raise ValueError(f"target_modules: {unmatched} match no layer of the model; the "
