@@ -148,7 +148,8 @@ def _output_layer(model, task_type):
         return None
     output = get()
     if output is None and task_type == "SEQ_CLS":
-        output = getattr(model, "score", None) or getattr(model, "classifier", None)
+        heads = [getattr(model, name, None) for name in ("score", "classifier")]
+        output = next((head for head in heads if head is not None), None)
     return output
 
 
@@ -173,8 +174,7 @@ def build_adapters(model, config):
         chosen = [m for m in adaptable if m is not skip]
     else:
         chosen = [m for m, n in names.items() if any(config.matches(name) for name in n)]
-        wrong = [f"{n[0]} ({type(m).__name__})" for m, n in names.items()
-                 if m in chosen and m not in adaptable]
+        wrong = [f"{names[m][0]} ({type(m).__name__})" for m in chosen if m not in adaptable]
         if wrong:
             raise ValueError(f"target_modules: {targets!r} matches {wrong}, which cannot be "
                              f"adapted; the layers that can are {listed}")

@@ -188,19 +188,23 @@ def test_targets_select_what_peft_selects(targets):
     assert sorted(n for n, _ in dm.adapter_layers(ours)) == peft_names
 
 
-def test_all_linear_on_a_transformers_model_is_peft_s():
+@pytest.mark.parametrize("head, task_type", [("lm_head", None), ("score", "SEQ_CLS")])
+def test_all_linear_on_a_transformers_model_is_peft_s(head, task_type):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
                                       num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=2)
-    ours = dm.get_peft_model(transformers.LlamaForCausalLM(config),
-                             dm.LoraConfig(target_modules="all-linear"))
-    theirs = peft.get_peft_model(transformers.LlamaForCausalLM(config),
-                                 peft.LoraConfig(target_modules="all-linear"))
+                                      num_key_value_heads=2, pad_token_id=0)
+    Model = (transformers.LlamaForCausalLM if task_type is None else
+             transformers.LlamaForSequenceClassification)
+    ours = dm.get_peft_model(Model(config), dm.LoraConfig(target_modules="all-linear",
+                                                          task_type=task_type))
+    theirs = peft.get_peft_model(Model(config), peft.LoraConfig(target_modules="all-linear",
+                                                                task_type=task_type))
     peft_names = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
                         if isinstance(m, peft.tuners.lora.LoraLayer))
-    assert "lm_head" not in peft_names and len(peft_names) == 7
+    assert len(peft_names) == 7 and not any(head in n for n in peft_names)
+    assert isinstance(getattr(ours, head), nn.Linear)
     assert sorted(n for n, _ in dm.adapter_layers(ours)) == peft_names
 
 
