@@ -29,14 +29,15 @@ class AdapterKind(NamedTuple):
     to_base: Callable                # adapter -> the plain module holding the merged weight
     peft_keys: dict                  # adapter tensor name -> PEFT's key suffix
     fan_in_fan_out: bool = False     # PEFT's flag for a weight stored (in, out)
+    linear: bool = True              # chosen by target_modules=None and "all-linear"
 
 
+# base module type -> how to adapt it; a new layer type is one more entry here
 ADAPTER_KINDS = {
     nn.Linear: AdapterKind(DoRALinear, DoRALinear.from_linear, DoRALinear.to_linear,
                            {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
                             "magnitude": "lora_magnitude_vector"}),
 }
-ADAPTER_CLASSES = tuple(kind.adapter for kind in ADAPTER_KINDS.values())
 ALL_LINEAR = "all-linear"
 
 
@@ -121,7 +122,8 @@ def _name_matches(name, target):
 
 def adapter_layers(model):
     """[(dotted name, adapter layer)] for every adapter layer in the model, each once."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_CLASSES)]
+    classes = tuple(kind.adapter for kind in ADAPTER_KINDS.values())
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, classes)]
 
 
 def _names_by_module(model):
@@ -171,7 +173,7 @@ def build_adapters(model, config):
     targets = config.target_modules
     if targets is None or targets == ALL_LINEAR:
         skip = _output_layer(model, config.task_type) if targets == ALL_LINEAR else None
-        chosen = [m for m in adaptable if m is not skip]
+        chosen = [m for m in adaptable if kind_of(m).linear and m is not skip]
     else:
         chosen = [m for m, n in names.items() if any(config.matches(name) for name in n)]
         wrong = [f"{names[m][0]} ({type(m).__name__})" for m in chosen if m not in adaptable]

@@ -54,6 +54,18 @@ def test_values_are_converted_to_each_tensors_dtype_and_device():
         assert value.dtype == torch.float64 and torch.equal(value, state[key].float().double())
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_values_move_to_the_device_of_each_tensor():
+    state = dm.adapter_state_dict(trained(dm.inject_adapters(toy_model(), CONFIG)))
+    on_gpu = dm.inject_adapters(toy_model(), CONFIG).cuda()
+    dm.load_adapter_state_dict(on_gpu, state)  # CPU values into a CUDA model
+    back = dm.load_adapter_state_dict(dm.inject_adapters(toy_model(), CONFIG),
+                                      dm.adapter_state_dict(on_gpu))  # and back
+    for key, value in dm.adapter_state_dict(back).items():
+        assert value.device.type == "cpu" and torch.equal(value, state[key])
+
+
 @pytest.mark.parametrize("safe", [False, True])
 def test_save_pretrained_then_from_pretrained_gives_the_same_model(tmp_path, safe):
     if safe:
