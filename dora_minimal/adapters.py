@@ -12,13 +12,14 @@ can be adapted, by which adapter layer, and under which PEFT keys its tensors ar
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .checks import check_bool, check_dropout, check_positive, check_rank
+from .checks import (check_bool, check_dropout, check_positive, check_positive_int,
+                     check_rank)
 from .layer import DoRALinear
 
 
@@ -62,6 +63,8 @@ class LoraConfig:
     its get_output_embeddings() returns, as in PEFT); None: every nn.Linear.
     use_dora: DoRA or plain LoRA; detach_norm (ours, not PEFT's): DoRA's backward treats ‖V'‖_c
     as a constant (Eq. 11, True) or differentiates it (Eq. 6, False).
+    rank_pattern / alpha_pattern: {regex: r or lora_alpha} for some layers, PEFT's rule: the
+    first key K that matches the end of a layer's name (re.match(rf"(.*\\.)?({K})$", name)).
     bias and task_type are accepted so that PEFT's snippets run; the bias always stays frozen.
     """
     r: int = 8
@@ -70,6 +73,8 @@ class LoraConfig:
     target_modules: Optional[Union[str, Sequence[str]]] = None
     use_dora: bool = False
     detach_norm: bool = True
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
     bias: str = "none"
     task_type: Optional[str] = None
 
@@ -82,6 +87,13 @@ class LoraConfig:
         if self.bias != "none":
             raise ValueError(f"bias: only 'none' is supported (the bias stays frozen), "
                              f"got {self.bias!r}")
+        for name, pattern, check in [("rank_pattern", self.rank_pattern, check_positive_int),
+                                     ("alpha_pattern", self.alpha_pattern, check_positive)]:
+            if not isinstance(pattern, dict):
+                raise TypeError(f"{name}: expected a dict {{regex: value}}, got {pattern!r}")
+            for key, value in pattern.items():
+                _check_regex(f"{name} key", key)
+                check(f"{name}[{key!r}]", value)
         targets = self.target_modules
         if targets is None:
             return
@@ -89,11 +101,7 @@ class LoraConfig:
             if targets.lower() == ALL_LINEAR:
                 object.__setattr__(self, "target_modules", ALL_LINEAR)
                 return
-            try:
-                re.compile(targets)
-            except re.error as error:
-                raise ValueError(f"target_modules: {targets!r} is not a regular expression "
-                                 f"({error})") from None
+            _check_regex("target_modules", targets)
             return
         if not isinstance(targets, (list, tuple, set, frozenset)):
             raise TypeError(f"target_modules: expected a list of module names, a regular "
@@ -114,6 +122,27 @@ class LoraConfig:
         if isinstance(targets, str):
             return re.fullmatch(targets, name) is not None
         return any(_name_matches(name, t) for t in targets)
+
+    def settings_for(self, name):
+        """(r, lora_alpha) of the layer called `name`, after rank_pattern and alpha_pattern."""
+        return (_pattern_value(self.rank_pattern, name, self.r),
+                _pattern_value(self.alpha_pattern, name, self.lora_alpha))
+
+
+def _pattern_value(pattern, name, default):
+    for key, value in pattern.items():  # PEFT's get_pattern_key: the first key that matches
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _check_regex(what, text):
+    if not isinstance(text, str):
+        raise TypeError(f"{what}: expected a regular expression (str), got {text!r}")
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise ValueError(f"{what}: {text!r} is not a regular expression ({error})") from None
 
 
 def _name_matches(name, target):
@@ -188,9 +217,8 @@ def build_adapters(model, config):
                              f"layers that can be adapted are {listed}")
     if not chosen:
         raise ValueError("model: has no layer that can be adapted (nn.Linear)")
-    return [(names[module], kind_of(module).from_base(module, config.r, config.lora_alpha,
-                                                      config.lora_dropout, config.use_dora,
-                                                      config.detach_norm))
+    return [(names[module], kind_of(module).from_base(module, *config.settings_for(
+        names[module][0]), config.lora_dropout, config.use_dora, config.detach_norm))
             for module in chosen]
 
 

@@ -10,6 +10,7 @@ anything: on an error the model is unchanged. PEFT itself is never imported.
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 # adapter_config.json fields that change what PEFT builds, with the value we can honour
-UNSUPPORTED_FIELDS = {"use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+UNSUPPORTED_FIELDS = {"use_rslora": False,
                       "layers_to_transform": None, "layers_pattern": None,
                       "modules_to_save": None, "exclude_modules": None, "lora_bias": False,
                       "layer_replication": None, "target_parameters": None,
@@ -146,12 +147,22 @@ def save_pretrained(model, directory, safe_serialization=None):
     if not layers:
         raise ValueError("save_pretrained: the model has no adapter layers")
     settings = {name: _settings(layer) for name, layer in layers}
-    first = next(iter(settings.values()))
-    different = {name: s for name, s in settings.items() if s != first}
+    first = dict(next(iter(settings.values())))  # becomes the config's shared values
+    shared = ("lora_dropout", "use_dora")  # PEFT's config holds these once for all layers
+    different = {name: {k: s[k] for k in shared} for name, s in settings.items()
+                 if any(s[k] != first[k] for k in shared)}
     if different:
-        raise ValueError(f"save_pretrained: the adapter layers differ in their settings "
-                         f"({layers[0][0]}: {first}, but {different}); PEFT's rank_pattern and "
-                         f"alpha_pattern are not supported")
+        raise ValueError(f"save_pretrained: the adapter layers differ in lora_dropout or "
+                         f"use_dora ({layers[0][0]}: {first}, but {different}), which PEFT's "
+                         f"config holds once for all layers")
+    # r and lora_alpha: the most common value, the others per layer in PEFT's patterns,
+    # each key "^<escaped name>" matching that one layer's whole name under PEFT's rule
+    patterns = {}
+    for key, field in [("r", "rank_pattern"), ("lora_alpha", "alpha_pattern")]:
+        values = [s[key] for s in settings.values()]
+        first[key] = max(values, key=values.count)
+        patterns[field] = {"^" + re.escape(name): _number(s[key]) for name, s in
+                           settings.items() if s[key] != first[key]}
     if safe_serialization is None:
         safe_serialization = _safetensors() is not None
     if safe_serialization and _safetensors() is None:
@@ -162,7 +173,7 @@ def save_pretrained(model, directory, safe_serialization=None):
               "target_modules": sorted(name for name, _ in layers),
               "use_dora": first["use_dora"], "bias": "none", "use_rslora": False,
               "fan_in_fan_out": any(kind_of(layer).fan_in_fan_out for _, layer in layers),
-              "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+              **patterns, "modules_to_save": None,
               "init_lora_weights": True, "inference_mode": True}
     state = {k: v.contiguous() for k, v in to_peft_state_dict(model).items()}
     directory = Path(directory)
@@ -209,6 +220,8 @@ def read_config(directory, detach_norm=True):
                       lora_dropout=saved.get("lora_dropout", 0.0),
                       target_modules=targets if isinstance(targets, str) else list(targets),
                       use_dora=saved.get("use_dora", False), detach_norm=detach_norm,
+                      rank_pattern=saved.get("rank_pattern") or {},
+                      alpha_pattern=saved.get("alpha_pattern") or {},
                       bias=saved.get("bias", "none"))
 
 
@@ -238,8 +251,9 @@ def from_pretrained(model, directory, detach_norm=True):
         _load([(names[0], adapter) for names, adapter in adapters], state, _peft_key,
               "from_pretrained")
         return install_adapters(model, adapters)
-    wanted = {"r": config.r, "lora_alpha": float(config.lora_alpha), "use_dora": config.use_dora}
     for name, layer in layers:
+        r, lora_alpha = config.settings_for(name)
+        wanted = {"r": r, "lora_alpha": float(lora_alpha), "use_dora": config.use_dora}
         found = {key: getattr(layer, key) for key in wanted}
         if found != wanted:
             raise ValueError(f"from_pretrained: layer {name} has {found}, the saved adapter "

@@ -116,8 +116,9 @@ MISMATCHES = {
     "r": ({"r": 3}, None, r"expected shape \(3, 6\)"),
     "use_dora": ({"use_dora": False}, None, "unexpected keys.*lora_magnitude_vector"),
     "unknown key": ({}, "extra", r"unexpected keys \['extra'\]"),
-    "rank_pattern": ({"rank_pattern": {"fc1": 4}}, None, "rank_pattern=.*not support"),
-    "alpha_pattern": ({"alpha_pattern": {"fc1": 4}}, None, "alpha_pattern=.*not support"),
+    "rank_pattern": ({"rank_pattern": {"fc1": 4}}, None, r"0.fc1.lora_A.weight .*shape \(4, 6\)"),
+    "alpha_pattern": ({"alpha_pattern": {"fc1": 4}}, "same", "'lora_alpha': 6.0.*'lora_alpha': 4"),
+    "exclude_modules": ({"exclude_modules": ["fc1"]}, None, "exclude_modules=.*not support"),
     "rslora": ({"use_rslora": True}, None, "use_rslora=True"),
     "peft type": ({"peft_type": "IA3"}, None, "IA3 adapter"),
     "existing alpha": ({}, "alpha", "'lora_alpha': 8.0.*'lora_alpha': 6.0"),
@@ -140,7 +141,7 @@ def test_from_pretrained_refuses_a_mismatch_and_changes_nothing(tmp_path, case):
         torch.save(state, tmp_path / "adapter_model.bin")
     elif other is not None:
         existing = {"alpha": dict(lora_alpha=8), "r": dict(r=3), "use_dora": dict(use_dora=False),
-                    "targets": dict(target_modules=None)}[other]
+                    "targets": dict(target_modules=None), "same": {}}[other]
         settings = dict(r=2, lora_alpha=6, target_modules=["fc1", "fc2"], use_dora=True)
         dm.inject_adapters(model, dm.LoraConfig(**{**settings, **existing}))
     before = state_of(model)
@@ -151,10 +152,30 @@ def test_from_pretrained_refuses_a_mismatch_and_changes_nothing(tmp_path, case):
                (model[0].fc1, model[1].fc2, model[2]))
 
 
-def test_save_pretrained_refuses_layers_with_different_settings(tmp_path):
+MIXED = dm.LoraConfig(r=2, lora_alpha=6, target_modules=["fc1", "fc2"], use_dora=True,
+                      rank_pattern={"fc2": 4}, alpha_pattern={r"1\.fc\d": 8})
+
+
+def test_layers_with_different_r_and_alpha_are_saved_with_peft_s_patterns(tmp_path):
+    source = trained(dm.inject_adapters(toy_model(), MIXED))
+    assert [(n, l.r, l.lora_alpha) for n, l in dm.adapter_layers(source)] == [
+        ("0.fc1", 2, 6), ("0.fc2", 4, 6), ("1.fc1", 2, 8), ("1.fc2", 4, 8)]
+    dm.save_pretrained(source, tmp_path, safe_serialization=False)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (saved["r"], saved["rank_pattern"]) == (2, {r"^0\.fc2": 4, r"^1\.fc2": 4})
+    assert (saved["lora_alpha"], saved["alpha_pattern"]) in [
+        (6, {r"^1\.fc1": 8, r"^1\.fc2": 8}), (8, {r"^0\.fc1": 6, r"^0\.fc2": 6})]
+    loaded = dm.from_pretrained(toy_model(), tmp_path)
+    assert [(n, l.r, l.lora_alpha) for n, l in dm.adapter_layers(loaded)] == [
+        (n, l.r, l.lora_alpha) for n, l in dm.adapter_layers(source)]
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert torch.equal(loaded(x), source(x))
+
+
+def test_save_pretrained_refuses_layers_with_different_dropout_or_use_dora(tmp_path):
     model = dm.inject_adapters(toy_model(), dm.LoraConfig(r=2, target_modules=["fc1"]))
-    model[2] = dm.DoRALinear.from_linear(model[2], r=4, lora_alpha=8)
-    with pytest.raises(ValueError, match="'r': 4.*rank_pattern"):
+    model[2] = dm.DoRALinear.from_linear(model[2], r=4, lora_alpha=8, use_dora=True)
+    with pytest.raises(ValueError, match="differ in lora_dropout or use_dora.*'2'"):
         dm.save_pretrained(model, tmp_path)
     assert not tmp_path.joinpath("adapter_config.json").exists()
 
@@ -207,6 +228,24 @@ def test_peft_loads_what_save_pretrained_writes(tmp_path, safe, use_dora):
     ours.eval()
     assert rel_error(theirs(x).detach().numpy(), ours(x).detach().numpy()) < 1e-13
     assert sorted(peft.get_peft_model_state_dict(theirs)) == sorted(dm.to_peft_state_dict(ours))
+
+
+def test_peft_and_we_read_each_others_rank_and_alpha_patterns(tmp_path):
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("safetensors")
+    ours = train_steps(dm.get_peft_model(toy_model(), MIXED))
+    dm.save_pretrained(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(toy_model(), tmp_path / "ours")
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert rel_error(theirs(x).detach().numpy(), ours(x).detach().numpy()) < 1e-13
+    theirs = train_steps(peft.get_peft_model(toy_model(), peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["fc1", "fc2"], use_dora=True,
+        rank_pattern={"fc2": 4}, alpha_pattern={r"1\.fc\d": 8})))
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = dm.from_pretrained(toy_model(), tmp_path / "theirs")
+    assert [l.r for _, l in dm.adapter_layers(ours)] == [2, 4, 2, 4]
+    theirs.eval()
+    assert rel_error(ours(x).detach().numpy(), theirs(x).detach().numpy()) < 1e-13
 
 
 @pytest.mark.parametrize("safe", [True, False])
