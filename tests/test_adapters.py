@@ -72,7 +72,11 @@ def test_lora_config_defaults_and_validation():
                           ({"target_modules": 3}, TypeError),
                           ({"target_modules": ["fc1", ""]}, TypeError),
                           ({"use_dora": "yes"}, TypeError), ({"detach_norm": 1}, TypeError),
-                          ({"bias": "all"}, ValueError)]:
+                          ({"bias": "all"}, ValueError),
+                          ({"rank_pattern": {"fc1": 0}}, ValueError),
+                          ({"rank_pattern": ["fc1"]}, TypeError),
+                          ({"alpha_pattern": {"fc(": 2}}, ValueError),
+                          ({"alpha_pattern": {"fc1": float("inf")}}, ValueError)]:
         with pytest.raises(error, match=next(iter(kwargs))):
             dm.LoraConfig(**kwargs)
 
