@@ -194,8 +194,10 @@ def build_adapters(model, config):
     if adapter_layers(model):
         raise ValueError("model: already has adapter layers; merge_adapters() it first")
     if kind_of(model) is not None:
-        raise ValueError(f"model: is itself an {type(model).__name__}, which cannot be replaced "
-                         f"in place; use DoRALinear.from_linear(model, ...) or wrap it in a module")
+        torch_nn = "nn." if type(model).__module__.startswith("torch.nn") else ""
+        raise ValueError(f"model: is itself an {torch_nn}{type(model).__name__}, which cannot be "
+                         f"replaced in place; use its adapter class's from_base (for nn.Linear, "
+                         f"DoRALinear.from_linear(model, ...)) or wrap it in a module")
     names = _names_by_module(model)
     adaptable = {m: n for m, n in names.items() if kind_of(m) is not None}
     listed = [n[0] for n in adaptable.values()]
@@ -216,7 +218,7 @@ def build_adapters(model, config):
             raise ValueError(f"target_modules: {unmatched} match no layer of the model; the "
                              f"layers that can be adapted are {listed}")
     if not chosen:
-        raise ValueError("model: has no layer that can be adapted (nn.Linear)")
+        raise ValueError("model: has no nn.Linear layer to adapt")
     return [(names[module], kind_of(module).from_base(module, *config.settings_for(
         names[module][0]), config.lora_dropout, config.use_dora, config.detach_norm))
             for module in chosen]
