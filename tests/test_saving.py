@@ -266,3 +266,31 @@ def test_from_pretrained_loads_what_peft_saves(tmp_path, safe, use_dora):
     ours.eval()
     x = torch.randn(5, 6, dtype=torch.float64)
     assert rel_error(ours(x).detach().numpy(), theirs(x).detach().numpy()) < 1e-13
+
+
+def test_a_transformers_model_both_ways_with_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2)
+
+    def llama():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(config).double().eval()
+
+    tokens = torch.randint(0, 32, (2, 5))
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules="all-linear",
+                                                           use_dora=True))
+    trained_state = {k: v + 0.1 * torch.randn_like(v) for k, v in
+                     peft.get_peft_model_state_dict(theirs).items()}
+    peft.set_peft_model_state_dict(theirs, trained_state)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = dm.from_pretrained(llama(), tmp_path / "theirs")
+    assert len(dm.adapter_layers(ours)) == 7
+    expected = theirs(tokens).logits.detach()
+    assert rel_error(ours(tokens).logits.detach().numpy(), expected.numpy()) < 1e-12
+    dm.save_pretrained(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(llama(), tmp_path / "ours")
+    assert rel_error(again(tokens).logits.detach().numpy(), expected.numpy()) < 1e-12
