@@ -3,19 +3,26 @@
     reference    the four steps and their gradients in NumPy, as the paper writes them
     functional   dora_linear: the same in PyTorch, with a hand-written backward
     layer        DoRALinear: an nn.Linear with a LoRA or DoRA adapter
-    adapters     LoraConfig, inject_adapters, merge_adapters, saving and PEFT interop
+    adapters     LoraConfig, inject_adapters (get_peft_model), merge_adapters, reset_magnitude
+    saving       adapter state dicts, PEFT's keys, save_pretrained / from_pretrained
     analysis     the paper's magnitude/direction analysis (ΔM, ΔD)
 """
 
 from . import reference
 from .functional import DoRAFunction, dora_linear, lora_linear
 from .layer import DoRALinear
-from .adapters import (LoraConfig, adapter_state_dict, from_peft_state_dict, inject_adapters,
-                       load_adapter_state_dict, merge_adapters, to_peft_state_dict,
-                       trainable_parameters)
+from .adapters import (LoraConfig, adapter_layers, get_peft_model, inject_adapters,
+                       merge_adapters, merge_and_unload, print_trainable_parameters,
+                       reset_magnitude, trainable_parameters)
+from .saving import (adapter_state_dict, from_peft_state_dict, from_pretrained,
+                     get_peft_model_state_dict, load_adapter_state_dict, save_pretrained,
+                     set_peft_model_state_dict, to_peft_state_dict)
 from .analysis import decomposition_by_layer, effective_weights, magnitude_direction_change
 
 __all__ = ["reference", "DoRAFunction", "dora_linear", "lora_linear", "DoRALinear", "LoraConfig",
-           "inject_adapters", "merge_adapters", "adapter_state_dict", "load_adapter_state_dict",
-           "to_peft_state_dict", "from_peft_state_dict", "trainable_parameters",
+           "inject_adapters", "get_peft_model", "merge_adapters", "merge_and_unload",
+           "adapter_layers", "reset_magnitude", "trainable_parameters",
+           "print_trainable_parameters", "adapter_state_dict", "load_adapter_state_dict",
+           "to_peft_state_dict", "from_peft_state_dict", "get_peft_model_state_dict",
+           "set_peft_model_state_dict", "save_pretrained", "from_pretrained",
            "magnitude_direction_change", "effective_weights", "decomposition_by_layer"]

@@ -1,118 +1,265 @@
-"""Adapters in whole models: one config flag for LoRA or DoRA, inject, merge, save and load.
+"""Adapters in whole models: one config flag for LoRA or DoRA, inject, merge, count.
 
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["fc1", "fc2"], use_dora=True)
-    model = inject_adapters(model, config)       # nn.Linear -> DoRALinear, the rest frozen
+    model = get_peft_model(model, config)        # nn.Linear -> DoRALinear, the rest frozen
     ...train...
-    state = adapter_state_dict(model)            # only lora_A, lora_B, magnitude
-    model = merge_adapters(model)                # DoRALinear -> nn.Linear holding W'
+    model = merge_and_unload(model)              # DoRALinear -> nn.Linear holding W'
 
-The field names follow Hugging Face PEFT's LoraConfig, and to_peft_state_dict /
-from_peft_state_dict read and write PEFT's saved-adapter keys, without depending on PEFT.
+The names follow Hugging Face PEFT (LoraConfig's fields and defaults, get_peft_model,
+merge_and_unload, print_trainable_parameters) without depending on it; saving.py writes and
+reads PEFT's saved-adapter files. ADAPTER_KINDS below is the one place that says which modules
+can be adapted, by which adapter layer, and under which PEFT keys its tensors are saved.
 """
 
-from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+import re
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .checks import check_bool, check_dropout, check_positive, check_rank
+from .checks import (check_bool, check_dropout, check_positive, check_positive_int,
+                     check_rank)
 from .layer import DoRALinear
 
-ADAPTER_TENSORS = ("lora_A", "lora_B", "magnitude")
+
+class AdapterKind(NamedTuple):
+    """How one type of base module is adapted, merged back and saved in PEFT's layout."""
+    adapter: type                    # the adapter layer class
+    from_base: Callable              # (base, r, lora_alpha, lora_dropout, use_dora, detach_norm)
+    to_base: Callable                # adapter -> the plain module holding the merged weight
+    peft_keys: dict                  # adapter tensor name -> PEFT's key suffix
+    fan_in_fan_out: bool = False     # PEFT's flag for a weight stored (in, out)
+    linear: bool = True              # chosen by target_modules=None and "all-linear"
+
+
+# base module type -> how to adapt it; a new layer type is one more entry here
+ADAPTER_KINDS = {
+    nn.Linear: AdapterKind(DoRALinear, DoRALinear.from_linear, DoRALinear.to_linear,
+                           {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
+                            "magnitude": "lora_magnitude_vector"}),
+}
+ALL_LINEAR = "all-linear"
+
+
+def kind_of(module):
+    """The AdapterKind that adapts `module` (a base module) or that `module` is (an adapter)."""
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return None  # nn.MultiheadAttention reads its out_proj's weight directly
+    for base_type, kind in ADAPTER_KINDS.items():
+        if isinstance(module, (base_type, kind.adapter)):
+            return kind
+    return None
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """Which linear layers get an adapter, and which adapter (PEFT's field names).
+    """Which layers get an adapter, and which adapter: PEFT's field names and defaults.
 
     r: rank; lora_alpha: scaling = lora_alpha / r; lora_dropout: on the adapter branch's input;
-    target_modules: names matched against the end of each module's dotted name
-    ("fc1" matches "encoder.0.fc1"), or None for every nn.Linear; use_dora: DoRA or plain LoRA.
+    target_modules: a list of names, each matching a module's whole dotted name or its end
+    ("fc1" matches "encoder.0.fc1"); a string, a regular expression matched against the whole
+    name (re.fullmatch); "all-linear": every nn.Linear but a model's output embedding (what
+    its get_output_embeddings() returns, as in PEFT); None: every nn.Linear.
+    use_dora: DoRA or plain LoRA; detach_norm (ours, not PEFT's): DoRA's backward treats ‖V'‖_c
+    as a constant (Eq. 11, True) or differentiates it (Eq. 6, False).
+    rank_pattern / alpha_pattern: {regex: r or lora_alpha} for some layers, PEFT's rule: the
+    first key K that matches the end of a layer's name (re.match(rf"(.*\\.)?({K})$", name)).
+    bias and task_type are accepted so that PEFT's snippets run; the bias always stays frozen.
     """
     r: int = 8
-    lora_alpha: float = 16
+    lora_alpha: float = 8
     lora_dropout: float = 0.0
-    target_modules: Optional[Sequence[str]] = None
+    target_modules: Optional[Union[str, Sequence[str]]] = None
     use_dora: bool = False
+    detach_norm: bool = True
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    bias: str = "none"
+    task_type: Optional[str] = None
 
     def __post_init__(self):
         check_rank(self.r)
         check_positive("lora_alpha", self.lora_alpha)
         check_dropout(self.lora_dropout)
         check_bool("use_dora", self.use_dora)
+        check_bool("detach_norm", self.detach_norm)
+        if self.bias != "none":
+            raise ValueError(f"bias: only 'none' is supported (the bias stays frozen), "
+                             f"got {self.bias!r}")
+        for name, pattern, check in [("rank_pattern", self.rank_pattern, check_positive_int),
+                                     ("alpha_pattern", self.alpha_pattern, check_positive)]:
+            if not isinstance(pattern, dict):
+                raise TypeError(f"{name}: expected a dict {{regex: value}}, got {pattern!r}")
+            for key, value in pattern.items():
+                _check_regex(f"{name} key", key)
+                check(f"{name}[{key!r}]", value)
         targets = self.target_modules
         if targets is None:
             return
-        if isinstance(targets, str) or not isinstance(targets, (list, tuple, set, frozenset)):
-            raise TypeError(f"target_modules: expected a list of module names or None, "
-                            f"got {targets!r}")
+        if isinstance(targets, str):
+            if targets.lower() == ALL_LINEAR:
+                object.__setattr__(self, "target_modules", ALL_LINEAR)
+                return
+            _check_regex("target_modules", targets)
+            return
+        if not isinstance(targets, (list, tuple, set, frozenset)):
+            raise TypeError(f"target_modules: expected a list of module names, a regular "
+                            f"expression, 'all-linear' or None, got {targets!r}")
         if len(targets) == 0:
             raise ValueError("target_modules: expected at least one module name (or None for "
                              "every nn.Linear), got an empty list")
         bad = [t for t in targets if not isinstance(t, str) or not t]
         if bad:
             raise TypeError(f"target_modules: expected non-empty strings, got {bad!r}")
-        object.__setattr__(self, "target_modules", tuple(targets))
+        object.__setattr__(self, "target_modules", tuple(sorted(targets)))
+
+    def matches(self, name):
+        """Whether a module's dotted name is targeted (PEFT's rule; None matches every name)."""
+        targets = self.target_modules
+        if targets is None or targets == ALL_LINEAR:
+            return True
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(_name_matches(name, t) for t in targets)
+
+    def settings_for(self, name):
+        """(r, lora_alpha) of the layer called `name`, after rank_pattern and alpha_pattern."""
+        return (_pattern_value(self.rank_pattern, name, self.r),
+                _pattern_value(self.alpha_pattern, name, self.lora_alpha))
 
 
-def _matches(name, target):
+def _pattern_value(pattern, name, default):
+    for key, value in pattern.items():  # PEFT's get_pattern_key: the first key that matches
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _check_regex(what, text):
+    if not isinstance(text, str):
+        raise TypeError(f"{what}: expected a regular expression (str), got {text!r}")
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise ValueError(f"{what}: {text!r} is not a regular expression ({error})") from None
+
+
+def _name_matches(name, target):
     return name == target or name.endswith("." + target)
 
 
 def adapter_layers(model):
-    """[(dotted name, DoRALinear)] for every adapter layer in the model."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, DoRALinear)]
+    """[(dotted name, adapter layer)] for every adapter layer in the model, each once."""
+    classes = tuple(kind.adapter for kind in ADAPTER_KINDS.values())
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, classes)]
 
 
-def _replace(model, name, new_module):
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new_module)
+def _names_by_module(model):
+    """{module: [every dotted name it is registered under]} (tied modules have several)."""
+    names = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(module, []).append(name)
+    return names
 
 
-def inject_adapters(model, config):
-    """Replace each targeted nn.Linear by a DoRALinear (in place), freeze every other parameter,
-    and return the model. A target that matches no nn.Linear raises ValueError listing the
-    model's linear layers; on any error the model is unchanged."""
+def _replace(model, names, new_module):
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new_module)
+
+
+def _output_layer(model, task_type):
+    """What "all-linear" leaves out, as PEFT does for a transformers model (one that has
+    get_output_embeddings()): its output embedding, or for task_type "SEQ_CLS" without one, its
+    `score` or `classifier` head. A plain torch model keeps every nn.Linear, as in PEFT."""
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return None
+    output = get()
+    if output is None and task_type == "SEQ_CLS":
+        heads = [getattr(model, name, None) for name in ("score", "classifier")]
+        output = next((head for head in heads if head is not None), None)
+    return output
+
+
+def build_adapters(model, config):
+    """[(every name of a targeted module, its new adapter)], the model untouched. Raises
+    ValueError when a target matches no module or a module that cannot be adapted."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config: expected a dora_minimal.LoraConfig, got {type(config).__name__}")
     if adapter_layers(model):
         raise ValueError("model: already has adapter layers; merge_adapters() it first")
-    if isinstance(model, nn.Linear):
-        raise ValueError("model: is itself an nn.Linear, which cannot be replaced in place; "
-                         "use DoRALinear.from_linear(model, ...) or wrap it in a module")
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-               # nn.MultiheadAttention reads its out_proj's weight directly: not adaptable
-               and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
-    if config.target_modules is None:
-        targets = linears
+    if kind_of(model) is not None:
+        torch_nn = "nn." if type(model).__module__.startswith("torch.nn") else ""
+        raise ValueError(f"model: is itself an {torch_nn}{type(model).__name__}, which cannot be "
+                         f"replaced in place; use its adapter class's from_base (for nn.Linear, "
+                         f"DoRALinear.from_linear(model, ...)) or wrap it in a module")
+    names = _names_by_module(model)
+    adaptable = {m: n for m, n in names.items() if kind_of(m) is not None}
+    listed = [n[0] for n in adaptable.values()]
+    targets = config.target_modules
+    if targets is None or targets == ALL_LINEAR:
+        skip = _output_layer(model, config.task_type) if targets == ALL_LINEAR else None
+        chosen = [m for m in adaptable if kind_of(m).linear and m is not skip]
     else:
-        unmatched = [t for t in config.target_modules if not any(_matches(n, t) for n in linears)]
+        chosen = [m for m, n in names.items() if any(config.matches(name) for name in n)]
+        wrong = [f"{names[m][0]} ({type(m).__name__})" for m in chosen if m not in adaptable]
+        if wrong:
+            raise ValueError(f"target_modules: {targets!r} matches {wrong}, which cannot be "
+                             f"adapted; the layers that can are {listed}")
+        every_name = [name for n in names.values() for name in n]
+        unmatched = (([] if chosen else [targets]) if isinstance(targets, str) else
+                     [t for t in targets if not any(_name_matches(n, t) for n in every_name)])
         if unmatched:
-            raise ValueError(f"target_modules: {unmatched} match no nn.Linear of the model; "
-                             f"its linear layers are {linears}")
-        targets = [n for n in linears if any(_matches(n, t) for t in config.target_modules)]
-    if not targets:
+            raise ValueError(f"target_modules: {unmatched} match no layer of the model; the "
+                             f"layers that can be adapted are {listed}")
+    if not chosen:
         raise ValueError("model: has no nn.Linear layer to adapt")
-    adapters = [(name, DoRALinear.from_linear(model.get_submodule(name), config.r,
-                                              config.lora_alpha, config.lora_dropout,
-                                              config.use_dora))
-                for name in targets]  # all built before the model is touched
+    return [(names[module], kind_of(module).from_base(module, *config.settings_for(
+        names[module][0]), config.lora_dropout, config.use_dora, config.detach_norm))
+            for module in chosen]
+
+
+def install_adapters(model, adapters):
+    """Freeze every parameter of the model, then put each adapter under all of its names."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for name, adapter in adapters:
-        _replace(model, name, adapter)
+    for names, adapter in adapters:
+        _replace(model, names, adapter)
     return model
 
 
+def inject_adapters(model, config):
+    """Replace each targeted layer by an adapter layer (in place), freeze every other parameter,
+    and return the model (PEFT's get_peft_model). A module registered under several names is
+    targeted when any of them matches, adapted once, and every name sees the adapter. On any
+    error the model is unchanged."""
+    return install_adapters(model, build_adapters(model, config))
+
+
 def merge_adapters(model):
-    """Replace every adapter layer by a plain nn.Linear holding the merged weight W'."""
+    """Replace every adapter layer (under all of its names) by the plain module holding the
+    merged weight W'; frozen weights stay frozen (PEFT's merge_and_unload)."""
+    names = _names_by_module(model)
+    merged = [(names[layer], kind_of(layer).to_base(layer)) for _, layer in adapter_layers(model)]
+    for layer_names, module in merged:  # all checked before any swap
+        _replace(model, layer_names, module)
+    return model
+
+
+def reset_magnitude(model):
+    """m = ‖W0‖_c from the current weights in every DoRA layer: call it after loading
+    pretrained weights into a model that already has adapters. Returns the model."""
     layers = adapter_layers(model)
-    merged = [(name, layer.to_linear()) for name, layer in layers]  # all checked before any swap
-    for name, linear in merged:
-        _replace(model, name, linear)
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"reset_magnitude: layers {merged} are merged; unmerge() them first")
+    for _, layer in layers:
+        layer.reset_magnitude()
     return model
 
 
@@ -135,66 +282,10 @@ def trainable_parameters(model):
                           sum(p.numel() for p in model.parameters()))
 
 
-def _adapter_tensors(model, key_of=lambda name, key: f"{name}.{key}"):
-    """{key_of(layer name, "lora_A" | "lora_B" | "magnitude"): the tensor itself} for every
-    adapter tensor in the model (a LoRA layer has no magnitude)."""
-    return {key_of(name, key): getattr(layer, key) for name, layer in adapter_layers(model)
-            for key in ADAPTER_TENSORS if getattr(layer, key) is not None}
+def print_trainable_parameters(model):
+    """Print the counts as PEFT's model.print_trainable_parameters() does."""
+    print(trainable_parameters(model))
 
 
-def adapter_state_dict(model):
-    """{"<layer>.lora_A": ..., "<layer>.lora_B": ..., "<layer>.magnitude": ...}, detached copies."""
-    return {key: tensor.detach().clone() for key, tensor in _adapter_tensors(model).items()}
-
-
-def _check_and_copy(model, state, targets, what):
-    """Copy state[key] into targets[key] for all keys, or raise and change nothing."""
-    if not isinstance(state, dict):
-        raise TypeError(f"state: expected a dict of tensors, got {type(state).__name__}")
-    missing = sorted(set(targets) - set(state))
-    unexpected = sorted(set(state) - set(targets))
-    if missing or unexpected:
-        raise ValueError(f"{what}: missing keys {missing}, unexpected keys {unexpected}")
-    for key, target in targets.items():
-        value = state[key]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{what}: {key} expected a tensor, got {type(value).__name__}")
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{what}: {key} expected shape {tuple(target.shape)}, "
-                             f"got {tuple(value.shape)}")
-        if not value.dtype.is_floating_point:
-            raise TypeError(f"{what}: {key} expected a floating dtype, got {value.dtype}")
-    merged = [name for name, layer in adapter_layers(model) if layer.merged]
-    if merged:
-        raise ValueError(f"{what}: layers {merged} are merged; unmerge() them first")
-    with torch.no_grad():
-        for key, target in targets.items():
-            target.copy_(state[key])
-    return model
-
-
-def load_adapter_state_dict(model, state):
-    """Load what adapter_state_dict saved. Names and shapes must match exactly; on a mismatch
-    ValueError says which, and the model is unchanged."""
-    return _check_and_copy(model, state, _adapter_tensors(model), "load_adapter_state_dict")
-
-
-PEFT_PREFIX = "base_model.model."
-PEFT_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
-             "magnitude": "lora_magnitude_vector"}
-
-
-def _peft_targets(model):
-    return _adapter_tensors(model, lambda name, key: f"{PEFT_PREFIX}{name}.{PEFT_KEYS[key]}")
-
-
-def to_peft_state_dict(model):
-    """The adapter under PEFT's saved-adapter keys (as get_peft_model_state_dict returns them):
-    base_model.model.<path>.lora_A.weight, .lora_B.weight and .lora_magnitude_vector."""
-    return {key: tensor.detach().clone() for key, tensor in _peft_targets(model).items()}
-
-
-def from_peft_state_dict(model, state):
-    """Load an adapter saved by PEFT (or by to_peft_state_dict) into a model with the same
-    adapter layers. Keys and shapes must match; on a mismatch the model is unchanged."""
-    return _check_and_copy(model, state, _peft_targets(model), "from_peft_state_dict")
+get_peft_model = inject_adapters
+merge_and_unload = merge_adapters

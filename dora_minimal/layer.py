@@ -164,7 +164,7 @@ class DoRALinear(nn.Module):
                 self._warned_merged_training = True
                 warnings.warn(f"{type(self).__name__}: the layer is merged, so its adapter "
                               "(lora_A, lora_B, magnitude) is not used and gets no gradient; "
-                              "call unmerge() before training it", stacklevel=2)
+                              "call unmerge() before training it", stacklevel=4)
             return F.linear(x, self.weight, self.bias)
         lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
         if autocast:  # they compute in autocast's dtype; m, the norms and c stay float32
@@ -268,6 +268,9 @@ class DoRALinear(nn.Module):
             linear.weight.copy_(W)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
+        linear.weight.requires_grad_(self.weight.requires_grad)  # frozen stays frozen
+        if self.bias is not None:
+            linear.bias.requires_grad_(self.bias.requires_grad)
         return linear
 
     def get_extra_state(self):

@@ -62,16 +62,31 @@ def trained(model, seed=1):
 def test_lora_config_defaults_and_validation():
     config = dm.LoraConfig()
     assert (config.r, config.lora_alpha, config.lora_dropout, config.target_modules,
-            config.use_dora) == (8, 16, 0.0, None, False)
-    assert dm.LoraConfig(target_modules=["fc1"]).target_modules == ("fc1",)
+            config.use_dora, config.detach_norm) == (8, 8, 0.0, None, False, True)
+    assert dm.LoraConfig(target_modules=["fc2", "fc1"]).target_modules == ("fc1", "fc2")
+    assert dm.LoraConfig(target_modules="ALL-Linear").target_modules == "all-linear"
     for kwargs, error in [({"r": 0}, ValueError), ({"r": 2.5}, TypeError),
                           ({"lora_alpha": 0}, ValueError), ({"lora_dropout": 1.0}, ValueError),
                           ({"target_modules": []}, ValueError),
-                          ({"target_modules": "fc1"}, TypeError),
+                          ({"target_modules": "fc(1"}, ValueError),
+                          ({"target_modules": 3}, TypeError),
                           ({"target_modules": ["fc1", ""]}, TypeError),
-                          ({"use_dora": "yes"}, TypeError)]:
-        with pytest.raises(error):
+                          ({"use_dora": "yes"}, TypeError), ({"detach_norm": 1}, TypeError),
+                          ({"bias": "all"}, ValueError),
+                          ({"rank_pattern": {"fc1": 0}}, ValueError),
+                          ({"rank_pattern": ["fc1"]}, TypeError),
+                          ({"alpha_pattern": {"fc(": 2}}, ValueError),
+                          ({"alpha_pattern": {"fc1": float("inf")}}, ValueError)]:
+        with pytest.raises(error, match=next(iter(kwargs))):
             dm.LoraConfig(**kwargs)
+
+
+def test_lora_config_defaults_are_peft_defaults():
+    peft = pytest.importorskip("peft")
+    ours, theirs = dm.LoraConfig(), peft.LoraConfig()
+    for field in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "bias",
+                  "task_type"):
+        assert getattr(ours, field) == getattr(theirs, field), field
 
 
 # --- inject, merge, count ---------------------------------------------------------------------
@@ -106,7 +121,7 @@ def test_inject_every_linear_when_no_target_is_given():
 def test_an_unmatched_target_lists_the_linear_layers_and_changes_nothing():
     model = toy_model()
     before = state_of(model)
-    with pytest.raises(ValueError, match=r"\['attn'\] match no nn.Linear.*0.fc1"):
+    with pytest.raises(ValueError, match=r"\['attn'\] match no layer.*0.fc1"):
         dm.inject_adapters(model, dm.LoraConfig(target_modules=["fc1", "attn"]))
     assert same_state(state_of(model), before)
     assert not dm.adapters.adapter_layers(model)
@@ -121,6 +136,199 @@ def test_merge_adapters_gives_plain_linears_with_unchanged_outputs():
     assert not dm.adapters.adapter_layers(merged)
     assert sum(isinstance(m, nn.Linear) for m in merged.modules()) == 5
     assert rel_error(merged(x).detach().numpy(), expected.numpy()) < 1e-13
+
+
+def linear_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def test_a_string_target_is_a_regex_matched_against_the_whole_name():
+    model = dm.inject_adapters(toy_model(), dm.LoraConfig(target_modules=r"\d\.fc(1|2)"))
+    assert [n for n, _ in dm.adapter_layers(model)] == ["0.fc1", "0.fc2", "1.fc1", "1.fc2"]
+    model = dm.inject_adapters(toy_model(), dm.LoraConfig(target_modules=r"1\..*c.*"))
+    assert [n for n, _ in dm.adapter_layers(model)] == ["1.fc1", "1.fc2"]
+    untouched = toy_model()
+    before = state_of(untouched)
+    with pytest.raises(ValueError, match=r"\['fc1'\] match no layer"):  # "fc1" != "0.fc1"
+        dm.inject_adapters(untouched, dm.LoraConfig(target_modules="fc1"))
+    with pytest.raises(ValueError, match=r"0.norm \(LayerNorm\).*cannot be adapted"):
+        dm.inject_adapters(untouched, dm.LoraConfig(target_modules=r"0\.(fc1|norm)"))
+    with pytest.raises(ValueError, match=r"1.norm \(LayerNorm\)"):
+        dm.inject_adapters(untouched, dm.LoraConfig(target_modules=["fc2", "norm"]))
+    assert same_state(state_of(untouched), before) and not dm.adapter_layers(untouched)
+
+
+class WithOutputEmbedding(nn.Module):
+    """The transformers convention "all-linear" reads: get_output_embeddings() is the head."""
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_all_linear_leaves_out_only_a_models_output_embedding():
+    plain = dm.inject_adapters(toy_model(), dm.LoraConfig(target_modules="all-linear"))
+    assert [n for n, _ in dm.adapter_layers(plain)] == linear_names(toy_model())
+    model = dm.inject_adapters(WithOutputEmbedding(), dm.LoraConfig(target_modules="all-linear"))
+    assert [n for n, _ in dm.adapter_layers(model)] == ["body"]
+    assert isinstance(model.head, nn.Linear) and not isinstance(model.head, dm.DoRALinear)
+
+
+PEFT_TARGETS = [["fc1"], ["0.fc2", "2"], r"\d\.fc(1|2)", r"1\..*c.*", "all-linear"]
+
+
+@pytest.mark.parametrize("targets", PEFT_TARGETS, ids=str)
+def test_targets_select_what_peft_selects(targets):
+    peft = pytest.importorskip("peft")
+    ours = dm.get_peft_model(toy_model(), dm.LoraConfig(target_modules=targets))
+    theirs = peft.get_peft_model(toy_model(), peft.LoraConfig(target_modules=targets))
+    peft_names = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                        if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert sorted(n for n, _ in dm.adapter_layers(ours)) == peft_names
+
+
+@pytest.mark.parametrize("head, task_type", [("lm_head", None), ("score", "SEQ_CLS")])
+def test_all_linear_on_a_transformers_model_is_peft_s(head, task_type):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, pad_token_id=0)
+    Model = (transformers.LlamaForCausalLM if task_type is None else
+             transformers.LlamaForSequenceClassification)
+    ours = dm.get_peft_model(Model(config), dm.LoraConfig(target_modules="all-linear",
+                                                          task_type=task_type))
+    theirs = peft.get_peft_model(Model(config), peft.LoraConfig(target_modules="all-linear",
+                                                                task_type=task_type))
+    peft_names = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                        if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert len(peft_names) == 7 and not any(head in n for n in peft_names)
+    assert isinstance(getattr(ours, head), nn.Linear)
+    assert sorted(n for n, _ in dm.adapter_layers(ours)) == peft_names
+
+
+def test_peft_snippet_runs_with_its_import_changed_and_builds_peft_s_model():
+    peft = pytest.importorskip("peft")
+    models = []
+    for LoraConfig, get_peft_model in [(dm.LoraConfig, dm.get_peft_model),
+                                       (peft.LoraConfig, peft.get_peft_model)]:
+        model = toy_model()
+        config = LoraConfig(r=4, target_modules=["fc1", "fc2"], bias="none", use_dora=True)
+        models.append(get_peft_model(model, config))
+    ours, theirs = models
+    dm.set_peft_model_state_dict(ours, trained_peft(theirs))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert rel_error(ours(x).detach().numpy(), theirs(x).detach().numpy()) < 1e-13
+    assert tuple(dm.trainable_parameters(ours)) == theirs.get_nb_trainable_parameters()
+
+
+def trained_peft(peft_model, seed=2):
+    """Move a PEFT model's adapters away from their init; returns PEFT's adapter state."""
+    import peft
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    return peft.get_peft_model_state_dict(peft_model)
+
+
+def test_print_trainable_parameters_prints_what_peft_prints(capsys):
+    peft = pytest.importorskip("peft")
+    dm.print_trainable_parameters(dm.get_peft_model(toy_model(), dm.LoraConfig(use_dora=True)))
+    ours = capsys.readouterr().out
+    peft.get_peft_model(toy_model(), peft.LoraConfig(
+        use_dora=True, target_modules="all-linear")).print_trainable_parameters()
+    assert ours == capsys.readouterr().out and ours.startswith("trainable params: ")
+
+
+def test_peft_names_are_ours():
+    assert dm.get_peft_model is dm.inject_adapters
+    assert dm.merge_and_unload is dm.merge_adapters
+    assert dm.get_peft_model_state_dict is dm.to_peft_state_dict
+    assert dm.set_peft_model_state_dict is dm.from_peft_state_dict
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = self.b = nn.Linear(4, 4).double()
+        self.c = nn.Linear(4, 4).double()
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+@pytest.mark.parametrize("targets", [None, ["a"], ["b"]])
+def test_a_module_under_several_names_is_adapted_and_merged_once(targets):
+    model = trained(dm.inject_adapters(Tied(), dm.LoraConfig(r=2, target_modules=targets,
+                                                             use_dora=True)))
+    assert isinstance(model.a, dm.DoRALinear) and model.a is model.b
+    assert [n for n, _ in dm.adapter_layers(model)][0] == "a"
+    assert dm.trainable_parameters(model).trainable == (2 * (2 * 8 + 4) if targets is None
+                                                        else 2 * 8 + 4)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    expected = model(x).detach()
+    dm.merge_adapters(model)
+    assert type(model.a) is nn.Linear and model.a is model.b and not dm.adapter_layers(model)
+    assert rel_error(model(x).detach().numpy(), expected.numpy()) < 1e-13
+
+
+def test_merged_layers_keep_the_base_weights_requires_grad():
+    model = dm.merge_adapters(trained(dm.inject_adapters(toy_model(), dm.LoraConfig(
+        use_dora=True, target_modules=["fc1"]))))
+    assert not any(p.requires_grad for p in model.parameters())  # frozen stays frozen
+    layer = dm.DoRALinear(3, 2, r=1, lora_alpha=1)
+    layer.weight.requires_grad_(True)
+    linear = layer.to_linear()
+    assert linear.weight.requires_grad and not linear.bias.requires_grad
+
+
+def test_a_merged_layer_in_training_warns_once_that_its_adapters_get_no_gradient():
+    import warnings
+    layer = dm.DoRALinear(3, 2, r=1, lora_alpha=1)
+    layer.merge()
+    x = torch.randn(4, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer.eval()(x)  # eval: no warning
+        with torch.no_grad():
+            layer.train()(x)  # no gradient wanted: no warning
+        assert not caught
+        layer.train()(x)
+        layer(x)
+    assert len(caught) == 1 and "merged" in str(caught[0].message)
+    assert "unmerge()" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_reset_magnitude_after_loading_pretrained_weights(use_dora):
+    pretrained = toy_model(seed=0)
+    config = dm.LoraConfig(r=2, use_dora=use_dora)
+    model = dm.inject_adapters(toy_model(seed=7), config)  # adapters on other weights
+    weights = {k: v for k, v in pretrained.state_dict().items() if "fc" in k or k.startswith("2")}
+    state = model.state_dict()
+    state.update(weights)
+    model.load_state_dict(state)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    stale = (model(x) - pretrained(x)).abs().max().item()
+    assert stale > 1e-3 if use_dora else stale < 1e-14  # the magnitude is still ‖old W0‖_c
+    assert dm.reset_magnitude(model) is model
+    assert rel_error(model(x).detach().numpy(), pretrained(x).detach().numpy()) < 1e-14
+    fresh = dm.inject_adapters(toy_model(seed=0), config)
+    assert same_state(dm.adapter_state_dict(model).keys(), dm.adapter_state_dict(fresh).keys())
+    for key, value in dm.adapter_state_dict(fresh).items():
+        if key.endswith("magnitude"):
+            assert torch.allclose(dm.adapter_state_dict(model)[key], value, rtol=1e-15, atol=0)
+    model[0].fc1.merge()
+    with pytest.raises(ValueError, match=r"\['0.fc1'\] are merged"):
+        dm.reset_magnitude(model)
 
 
 # --- saving -----------------------------------------------------------------------------------

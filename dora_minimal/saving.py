@@ -1,0 +1,265 @@
+"""Saving and loading adapters: our own keys, PEFT's keys, and PEFT's saved-adapter files.
+
+    state = adapter_state_dict(model)              # {"0.fc1.lora_A": ..., ...} (torch.save it)
+    save_pretrained(model, "adapter/")             # adapter_config.json + adapter_model.safetensors
+    model = from_pretrained(plain_model, "adapter/")   # also what PEFT's save_pretrained writes
+
+Every load checks every value (keys, shape, dtype, layout, device, finite) before it changes
+anything: on an error the model is unchanged. PEFT itself is never imported.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .adapters import (LoraConfig, adapter_layers, build_adapters, install_adapters, kind_of)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+# adapter_config.json fields that change what PEFT builds, with the value we can honour
+UNSUPPORTED_FIELDS = {"use_rslora": False,
+                      "layers_to_transform": None, "layers_pattern": None,
+                      "modules_to_save": None, "exclude_modules": None, "lora_bias": False,
+                      "layer_replication": None, "target_parameters": None,
+                      "trainable_token_indices": None, "use_qalora": False,
+                      "alora_invocation_tokens": None, "megatron_config": None,
+                      "velora_config": None, "monteclora_config": None, "use_bdlora": None,
+                      "arrow_config": None, "kasa_config": None}
+
+
+def _own_key(name, kind, key):
+    return f"{name}.{key}"
+
+
+def _peft_key(name, kind, key):
+    return f"{PEFT_PREFIX}{name}.{kind.peft_keys[key]}"
+
+
+def _adapter_tensors(layers, key_of):
+    """{key_of(layer name, its AdapterKind, tensor name): the tensor itself} for every adapter
+    tensor of the (name, layer) pairs given (a LoRA layer has no magnitude)."""
+    return {key_of(name, kind_of(layer), key): getattr(layer, key) for name, layer in layers
+            for key in kind_of(layer).peft_keys if getattr(layer, key) is not None}
+
+
+def _checked_values(state, targets, what):
+    """{key: state[key] in its target's dtype and on its device}, after checking every value;
+    raises, having changed nothing, if any key or value does not fit."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{what}: expected a dict of tensors, got {type(state).__name__}")
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing keys {missing}, unexpected keys {unexpected}")
+    values = {}
+    for key, target in targets.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{what}: {key} expected a tensor, got {type(value).__name__}")
+        if value.layout != torch.strided:
+            raise TypeError(f"{what}: {key} expected a dense (strided) tensor, got layout "
+                            f"{value.layout}")
+        if value.is_meta:
+            raise ValueError(f"{what}: {key} is on the meta device, so it holds no values")
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{what}: {key} expected shape {tuple(target.shape)}, "
+                             f"got {tuple(value.shape)}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{what}: {key} expected a floating dtype, got {value.dtype}")
+        try:
+            value = value.detach().to(device=target.device, dtype=target.dtype)
+        except RuntimeError as error:
+            raise ValueError(f"{what}: {key} cannot be moved from {value.device} to "
+                             f"{target.device}: {error}") from None
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{what}: {key} holds NaN or inf (in {target.dtype})")
+        values[key] = value
+    return values
+
+
+def _load(layers, state, key_of, what):
+    """Copy state into the adapter tensors of `layers`, or raise and change nothing."""
+    values = _checked_values(state, _adapter_tensors(layers, key_of), what)
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"{what}: layers {merged} are merged; unmerge() them first")
+    targets = _adapter_tensors(layers, key_of)
+    with torch.no_grad():
+        for key, value in values.items():
+            targets[key].copy_(value)
+
+
+def adapter_state_dict(model):
+    """{"<layer>.lora_A": ..., "<layer>.lora_B": ..., "<layer>.magnitude": ...}, detached copies."""
+    return {key: t.detach().clone() for key, t in
+            _adapter_tensors(adapter_layers(model), _own_key).items()}
+
+
+def load_adapter_state_dict(model, state):
+    """Load what adapter_state_dict saved. Names and shapes must match exactly; on a mismatch
+    ValueError says which, and the model is unchanged."""
+    _load(adapter_layers(model), state, _own_key, "load_adapter_state_dict")
+    return model
+
+
+def to_peft_state_dict(model):
+    """The adapter under PEFT's saved-adapter keys (as get_peft_model_state_dict returns them):
+    base_model.model.<path>.lora_A.weight, .lora_B.weight and .lora_magnitude_vector."""
+    return {key: t.detach().clone() for key, t in
+            _adapter_tensors(adapter_layers(model), _peft_key).items()}
+
+
+def from_peft_state_dict(model, state):
+    """Load an adapter saved by PEFT (or by to_peft_state_dict) into a model with the same
+    adapter layers. Keys and shapes must match; on a mismatch the model is unchanged."""
+    _load(adapter_layers(model), state, _peft_key, "from_peft_state_dict")
+    return model
+
+
+get_peft_model_state_dict = to_peft_state_dict
+set_peft_model_state_dict = from_peft_state_dict
+
+
+# --- PEFT's files ---------------------------------------------------------------------------
+
+def _settings(layer):
+    return {"r": layer.r, "lora_alpha": layer.lora_alpha, "lora_dropout": layer.lora_dropout,
+            "use_dora": layer.use_dora}
+
+
+def _number(x):
+    return int(x) if float(x).is_integer() else x
+
+
+def save_pretrained(model, directory, safe_serialization=None):
+    """Write the model's adapter as PEFT's save_pretrained does: adapter_config.json (PEFT's
+    LoraConfig fields; target_modules lists the adapted layers' full names) and the weights
+    under PEFT's keys in adapter_model.safetensors (safe_serialization True, or None with the
+    safetensors package importable) or adapter_model.bin (torch.save). The other weights file,
+    if the directory has one, is removed so that no reader picks up a stale adapter.
+    detach_norm is a training choice of ours, not saved (PEFT has no such field)."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("save_pretrained: the model has no adapter layers")
+    settings = {name: _settings(layer) for name, layer in layers}
+    first = dict(next(iter(settings.values())))  # becomes the config's shared values
+    shared = ("lora_dropout", "use_dora")  # PEFT's config holds these once for all layers
+    different = {name: {k: s[k] for k in shared} for name, s in settings.items()
+                 if any(s[k] != first[k] for k in shared)}
+    if different:
+        raise ValueError(f"save_pretrained: the adapter layers differ in lora_dropout or "
+                         f"use_dora ({layers[0][0]}: {first}, but {different}), which PEFT's "
+                         f"config holds once for all layers")
+    # r and lora_alpha: the most common value, the others per layer in PEFT's patterns,
+    # each key "^<escaped name>" matching that one layer's whole name under PEFT's rule
+    patterns = {}
+    for key, field in [("r", "rank_pattern"), ("lora_alpha", "alpha_pattern")]:
+        values = [s[key] for s in settings.values()]
+        first[key] = max(values, key=values.count)
+        patterns[field] = {"^" + re.escape(name): _number(s[key]) for name, s in
+                           settings.items() if s[key] != first[key]}
+    if safe_serialization is None:
+        safe_serialization = _safetensors() is not None
+    if safe_serialization and _safetensors() is None:
+        raise ImportError("save_pretrained: safe_serialization=True needs the safetensors "
+                          "package (pip install safetensors); or pass safe_serialization=False")
+    config = {"peft_type": "LORA", "task_type": None, "r": first["r"],
+              "lora_alpha": _number(first["lora_alpha"]), "lora_dropout": first["lora_dropout"],
+              "target_modules": sorted(name for name, _ in layers),
+              "use_dora": first["use_dora"], "bias": "none", "use_rslora": False,
+              "fan_in_fan_out": any(kind_of(layer).fan_in_fan_out for _, layer in layers),
+              **patterns, "modules_to_save": None,
+              "init_lora_weights": True, "inference_mode": True}
+    state = {k: v.contiguous() for k, v in to_peft_state_dict(model).items()}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    name, other = (SAFETENSORS_NAME, BIN_NAME) if safe_serialization else (BIN_NAME,
+                                                                          SAFETENSORS_NAME)
+    if safe_serialization:
+        _safetensors().save_file(state, str(directory / name), metadata={"format": "pt"})
+    else:
+        torch.save(state, directory / name)
+    if (directory / other).exists():
+        os.remove(directory / other)
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        return None
+    return safetensors.torch
+
+
+def read_config(directory, detach_norm=True):
+    """The LoraConfig an adapter_config.json describes; ValueError for a setting (a field of
+    PEFT's LoraConfig) that dora_minimal cannot honour."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"from_pretrained: {path} not found (an adapter directory "
+                                f"holds {CONFIG_NAME} and the weights)")
+    saved = json.loads(path.read_text())
+    if saved.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"from_pretrained: {path} holds a {saved['peft_type']} adapter; only "
+                         f"LORA (with or without use_dora) is supported")
+    for field, default in UNSUPPORTED_FIELDS.items():
+        value = saved.get(field, default)
+        if value != default and value not in (None, False, {}, []):
+            raise ValueError(f"from_pretrained: {path} sets {field}={value!r}, which "
+                             f"dora_minimal does not support")
+    if saved.get("target_modules") is None:
+        raise ValueError(f"from_pretrained: {path} names no target_modules")
+    targets = saved["target_modules"]
+    return LoraConfig(r=saved.get("r", 8), lora_alpha=saved.get("lora_alpha", 8),
+                      lora_dropout=saved.get("lora_dropout", 0.0),
+                      target_modules=targets if isinstance(targets, str) else list(targets),
+                      use_dora=saved.get("use_dora", False), detach_norm=detach_norm,
+                      rank_pattern=saved.get("rank_pattern") or {},
+                      alpha_pattern=saved.get("alpha_pattern") or {},
+                      bias=saved.get("bias", "none"))
+
+
+def _read_weights(directory):
+    directory = Path(directory)
+    if (directory / SAFETENSORS_NAME).is_file():
+        if _safetensors() is None:
+            raise ImportError(f"from_pretrained: {directory / SAFETENSORS_NAME} needs the "
+                              f"safetensors package (pip install safetensors)")
+        return _safetensors().load_file(str(directory / SAFETENSORS_NAME))
+    if (directory / BIN_NAME).is_file():
+        return torch.load(directory / BIN_NAME, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"from_pretrained: {directory} has neither {SAFETENSORS_NAME} "
+                            f"nor {BIN_NAME}")
+
+
+def from_pretrained(model, directory, detach_norm=True):
+    """Adapt a plain model as the directory's adapter_config.json says and load its weights
+    (written by save_pretrained here or in PEFT), then return the model. A model that already
+    has adapter layers gets the weights if its layers match the saved settings. On any
+    mismatch (settings, targets, keys, shapes) ValueError, and the model is unchanged."""
+    config = read_config(directory, detach_norm)
+    state = _read_weights(directory)
+    layers = adapter_layers(model)
+    if not layers:
+        adapters = build_adapters(model, config)
+        _load([(names[0], adapter) for names, adapter in adapters], state, _peft_key,
+              "from_pretrained")
+        return install_adapters(model, adapters)
+    for name, layer in layers:
+        r, lora_alpha = config.settings_for(name)
+        wanted = {"r": r, "lora_alpha": float(lora_alpha), "use_dora": config.use_dora}
+        found = {key: getattr(layer, key) for key in wanted}
+        if found != wanted:
+            raise ValueError(f"from_pretrained: layer {name} has {found}, the saved adapter "
+                             f"{wanted}")
+        if not config.matches(name):
+            raise ValueError(f"from_pretrained: layer {name} is not among the saved "
+                             f"target_modules {config.target_modules!r}")
+    _load(layers, state, _peft_key, "from_pretrained")
+    return model
