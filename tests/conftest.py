@@ -43,7 +43,6 @@ IMPLEMENTATIONS = {
 }
 
 
-
 def implementation(value):
     """--impl's value: 'reference', 'exercises', or the path of a .py file (made absolute)."""
     if value in IMPLEMENTATIONS:
@@ -79,8 +78,14 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "exercise(n, eq): a test of tests/test_reference.py that "
                                        "exercises 1..n make runnable, checking the paper's Eq. eq")
-    if config.getoption("--impl") != "reference" and config.option.tbstyle == "auto":
-        config.option.tbstyle = "short"  # one screen per failure for a learner
+    if config.getoption("--impl") != "reference":
+        # one screen per failure for a learner: a short traceback, one falsifying example, and
+        # none of hypothesis's explanations of it
+        if config.option.tbstyle == "auto":
+            config.option.tbstyle = "short"
+        settings.register_profile("learner", parent=settings(), report_multiple_bugs=False,
+                                  phases=[phase for phase in Phase if phase != Phase.explain])
+        settings.load_profile("learner")
     config.addinivalue_line("markers", "shipped_exercises: checks tutorial/exercises/dora.py as "
                                        "shipped; runs only with --shipped-exercises")
     if config.getoption("--shipped-exercises"):
@@ -145,7 +150,11 @@ def dora(request):
     """The module under test by tests/test_reference.py (see --impl and --shipped-exercises)."""
     if isinstance(request.param, int):
         return solved_up_to(request.param)
-    return load_module(request.param)
+    try:
+        return load_module(request.param)
+    except Exception as error:  # once, not once per test
+        pytest.exit(f"--impl={request.param}: importing it failed: "
+                    f"{type(error).__name__}: {error}", returncode=1)
 
 
 def pytest_collection_modifyitems(config, items):

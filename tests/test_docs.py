@@ -1,16 +1,17 @@
 """Every Python code block of README.md and tutorial/*.md runs, and every output it shows is
-what the code prints; the blocks also run as a reader would run them, and the docs name only
-tests that exist, under the exercises that make them runnable.
+what the code prints. The blocks also work as a reader runs them (`python -m doctest FILE.md`, or
+pasted into `python`), and the docs name only tests that exist, under the exercises that make
+them runnable.
 
 A ```python block with `>>>` prompts runs as a doctest (its shown output is checked); one
 without prompts is executed. The blocks of one file share their names, in order, as a reader
 running them one after another would. Blocks run in a temporary directory.
 """
 
-import code
 import doctest
 import inspect
 import re
+from code import InteractiveConsole
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def test_python_m_doctest_reads_no_closing_fence_as_output(path):
     assert not wrong, f"{path.name}: put a blank line before the fence after line(s) {wrong}"
 
 
-class SyntaxOnlyConsole(code.InteractiveConsole):
+class SyntaxOnlyConsole(InteractiveConsole):
     """The interactive interpreter, compiling what is typed without running it."""
 
     def __init__(self):

@@ -313,8 +313,9 @@ def test_backward_equals_centred_finite_differences(dora, p, detach_norm):
     assert set(grads) == {"x", "A", "B", "m"}
     terms = p.grad_y * (p.x @ adapted(p).T)
     for name, array in [("x", p.x), ("A", p.A), ("B", p.B), ("m", p.m)]:
-        assert grads[name].shape == array.shape, name
-        assert gradient_error(grads[name], loss, array, terms) < 1e-6, name
+        assert grads[name].shape == array.shape, f"∂L/∂{name}: shape"
+        error = gradient_error(grads[name], loss, array, terms)
+        assert error < 1e-6, f"∂L/∂{name}: relative error {error:.2g} against finite differences"
 
 
 @exercise(10, eq=7)
@@ -348,4 +349,4 @@ def test_backward_agrees_with_peft_golden_vectors(dora, case):
     grads = dora.backward(*args, g["grad_y"], detach_norm=True)
     for name, key in [("x", "grad_x"), ("A", "grad_lora_A"), ("B", "grad_lora_B"),
                       ("m", "grad_magnitude")]:
-        assert rel_error(grads[name], g[key]) < 1e-13, name
+        assert rel_error(grads[name], g[key]) < 1e-13, f"∂L/∂{name} differs from PEFT's"
