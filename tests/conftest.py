@@ -1,17 +1,28 @@
-"""pytest configuration: hypothesis profiles, and the switch that points the tests at the exercises.
+"""pytest configuration: hypothesis profiles, and the options that point the tests at the exercises.
 
     pytest                                  # the reference, fast hypothesis profile
     HYPOTHESIS_PROFILE=thorough pytest      # many more examples per property
-    pytest tests/test_reference.py --impl=exercises   # your solutions in tutorial/exercises/
+    pytest tests/test_reference.py --impl=exercises                # your tutorial/exercises/dora.py
+    pytest tests/test_reference.py --impl=exercises --exercise 3   # only what exercises 1-3 need
+    pytest tests/test_reference.py --impl=path/to/my_dora.py       # a file of your own
+    pytest tests/test_reference.py tests/test_exercises.py --shipped-exercises   # CI (.ci/run)
+
+Every test of tests/test_reference.py is marked `@exercise(n, eq)`: it runs once exercises 1..n
+are solved, and it checks the paper's equation `eq`. Both show in its id, `[ex03-Eq5]`.
 """
 
+import argparse
 import importlib
+import importlib.util
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
+
+from helpers import CHAPTERS, EXERCISES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,6 +31,10 @@ settings.register_profile("fast", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
+# --shipped-exercises: a test that must fail on a stub fails at its first example, unshrunk
+settings.register_profile("shipped", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow],
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate], database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 IMPLEMENTATIONS = {
@@ -28,18 +43,158 @@ IMPLEMENTATIONS = {
 }
 
 
+def implementation(value):
+    """--impl's value: 'reference', 'exercises', or the path of a .py file (made absolute)."""
+    if value in IMPLEMENTATIONS:
+        return value
+    path = Path(value)
+    if path.suffix == ".py" and path.is_file():
+        return str(path.resolve())
+    raise argparse.ArgumentTypeError(
+        f"expected 'reference', 'exercises' or the path of an existing .py file, got {value!r}")
+
+
+def exercise_number(value):
+    """--exercise's value: an integer from 1 to 10."""
+    if value.isdigit() and 1 <= int(value) <= len(EXERCISES):
+        return int(value)
+    raise argparse.ArgumentTypeError(
+        f"expected an exercise number from 1 to {len(EXERCISES)}, got {value!r}")
+
+
 def pytest_addoption(parser):
-    parser.addoption("--impl", choices=sorted(IMPLEMENTATIONS), default="reference",
-                     help="which module the NumPy property tests check: the reference (default) "
-                          "or your solutions in tutorial/exercises/dora.py")
+    parser.addoption("--impl", type=implementation, default="reference",
+                     help="which module tests/test_reference.py checks: 'reference' (the default), "
+                          "'exercises' (tutorial/exercises/dora.py) or the path of your own .py "
+                          "file with the same ten functions")
+    parser.addoption("--exercise", type=exercise_number, default=None, metavar="N",
+                     help="run only the tests of tests/test_reference.py that exercises 1..N "
+                          "make runnable")
+    parser.addoption("--shipped-exercises", action="store_true",
+                     help="CI: check tutorial/exercises/dora.py as shipped (unsolved stubs), and "
+                          "that each test needs exactly the exercises it is marked with")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "exercise(n, eq): a test of tests/test_reference.py that "
+                                       "exercises 1..n make runnable, checking the paper's Eq. eq")
+    if config.getoption("--impl") != "reference":
+        # one screen per failure for a learner: a short traceback, one falsifying example, and
+        # none of hypothesis's explanations of it
+        if config.option.tbstyle == "auto":
+            config.option.tbstyle = "short"
+        settings.register_profile("learner", parent=settings(), report_multiple_bugs=False,
+                                  phases=[phase for phase in Phase if phase != Phase.explain])
+        settings.load_profile("learner")
+    config.addinivalue_line("markers", "shipped_exercises: checks tutorial/exercises/dora.py as "
+                                       "shipped; runs only with --shipped-exercises")
+    if config.getoption("--shipped-exercises"):
+        settings.load_profile("shipped")
+
+
+def exercise_label(marker):
+    """The id of a test marked @exercise(n, eq): 'ex03-Eq5' (two digits, so -k ex01 is not ex10)."""
+    n, eq = marker.args
+    return f"ex{n:02d}" + ("" if eq is None else f"-Eq{eq}")
+
+
+def pytest_generate_tests(metafunc):
+    """Point each test that takes `dora` at the module under test, its id naming its exercise.
+
+    With --shipped-exercises, a test marked @exercise(n, ...) runs twice: against the stubs with
+    exercises 1..n taken from the reference (it must pass), and with 1..n-1 (it must fail).
+    """
+    if "dora" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("exercise")
+    if marker is None:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: mark it @exercise(n, eq)")
+    label = exercise_label(marker)
+    if not metafunc.config.getoption("--shipped-exercises"):
+        metafunc.parametrize("dora", [metafunc.config.getoption("--impl")], ids=[label],
+                             indirect=True, scope="session")
+        return
+    n = marker.args[0]
+    metafunc.parametrize("dora", [
+        pytest.param(n, id=f"{label}-solved"),
+        pytest.param(n - 1, id=f"{label}-stub", marks=pytest.mark.xfail(
+            raises=NotImplementedError, strict=True,
+            reason=f"exercise {n} is a stub: the test must fail on it")),
+    ], indirect=True, scope="session")
+
+
+def load_module(impl):
+    """The module named by --impl: a name of IMPLEMENTATIONS, or a .py file's path."""
+    if impl in IMPLEMENTATIONS:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        return importlib.import_module(IMPLEMENTATIONS[impl])
+    spec = importlib.util.spec_from_file_location(Path(impl).stem, impl)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def solved_up_to(n):
+    """The shipped exercises with exercises 1..n replaced by the reference's functions."""
+    module = types.ModuleType(f"exercises_solved_up_to_{n}")
+    module.__dict__.update(vars(load_module("exercises")))
+    reference = load_module("reference")
+    for name in EXERCISES[:n]:
+        setattr(module, name, getattr(reference, name))
+    return module
 
 
 @pytest.fixture(scope="session")
 def dora(request):
-    """The module under test by tests/test_reference.py (see --impl)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    return importlib.import_module(IMPLEMENTATIONS[request.config.getoption("--impl")])
+    """The module under test by tests/test_reference.py (see --impl and --shipped-exercises)."""
+    if isinstance(request.param, int):
+        return solved_up_to(request.param)
+    try:
+        return load_module(request.param)
+    except Exception as error:  # once, not once per test
+        pytest.exit(f"--impl={request.param}: importing it failed: "
+                    f"{type(error).__name__}: {error}", returncode=1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the checks of the shipped stubs unless --shipped-exercises (a learner solves them in
+    place), and with --exercise N keep only the tests of exercises 1..N."""
+    if not config.getoption("--shipped-exercises"):
+        skip = pytest.mark.skip(reason="checks the unsolved exercises; .ci/run passes "
+                                       "--shipped-exercises")
+        for item in items:
+            if item.get_closest_marker("shipped_exercises"):
+                item.add_marker(skip)
+    last = config.getoption("--exercise")
+    if last is None:
+        return
+    selected, deselected = [], []
+    for item in items:
+        marker = item.get_closest_marker("exercise")
+        (selected if marker is not None and marker.args[0] <= last else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed exercise test says which exercise and equation it checks, and where to read; one
+    that failed on a stub's NotImplementedError says only that, in one line."""
+    report = yield
+    marker = item.get_closest_marker("exercise")
+    if not report.failed or marker is None or hasattr(report, "wasxfail"):
+        return report
+    n, eq = marker.args
+    if call.excinfo is not None and call.excinfo.errisinstance(NotImplementedError):
+        report.longrepr = f"not solved yet: NotImplementedError: {call.excinfo.value}"
+    elif item.config.getoption("--impl") != "reference":
+        equation = "" if eq is None else f", the paper's Eq. {eq}"
+        report.sections.append((
+            f"exercise {n} ({EXERCISES[n - 1]}){equation}",
+            f"read tutorial/{CHAPTERS[n - 1]}.md; stuck? hint {n} in tutorial/exercises/HINTS.md"))
+    return report
 
 
 @pytest.fixture(scope="module", params=["small-step", "factored"])

@@ -1,9 +1,17 @@
-"""Shared test tools: the relative error, centred finite differences, and random DoRA problems."""
+"""Shared test tools: the relative error, centred finite differences, random DoRA problems, and
+the list of the exercises."""
 
 from dataclasses import dataclass
 
 import numpy as np
 from hypothesis import strategies as st
+
+# Exercise n of tutorial/exercises/dora.py is the function EXERCISES[n - 1], taught in the chapter
+# tutorial/CHAPTERS[n - 1].md.
+EXERCISES = ["row_norm", "decompose", "adapt", "recombine", "forward",
+             "merge", "unmerge", "magnitude_grad", "adapted_weight_grad", "backward"]
+CHAPTERS = ["01_decompose", "01_decompose", "02_adapt", "03_recombine", "03_recombine",
+            "04_merge", "04_merge", "05_gradients", "05_gradients", "05_gradients"]
 
 
 def rel_error(a, b, scale=0.0):

@@ -1,13 +1,13 @@
 """Exercises: DoRA's four steps and their gradients, in NumPy. Fill in each function.
 
 Each function has the same name and signature as in dora_minimal.reference, and the same property
-tests check it. Run them against this file with
+tests check it. Solve the exercises in order (1 to 10); after exercise N, run the tests that
+exercises 1 to N make runnable with
 
-    python -m pytest tests/test_reference.py --impl=exercises
+    python -m pytest tests/test_reference.py --impl=exercises --exercise N
 
-Every test fails until you start; solve the exercises in order (1 to 10), and run the tests
-after each one: `-k row_norm`, `-k decompose`, ... select one. Shapes follow torch.nn.Linear:
-W0 (out, in), A (r, in), B (out, r), m (out,), x (..., in). Use NumPy only.
+(without --exercise: all of them; with -k ex02 instead: those of exercise 2 alone). Shapes follow
+torch.nn.Linear: W0 (out, in), A (r, in), B (out, r), m (out,), x (..., in). Use NumPy only.
 
 Stuck? tutorial/exercises/HINTS.md has one hint per exercise, kept apart so you can choose not to
 read it. The chapters of tutorial/ explain each equation.
@@ -17,10 +17,10 @@ import numpy as np  # noqa: F401  (you will need it)
 
 
 def row_norm(W):
-    """Exercise 1. ‖W‖_c: the L2 norm of each output row of W (out, in) -> (out,).
+    """Exercise 1 (Eq. 2's ‖·‖_c). The L2 norm of each output row of W (out, in) -> (out,).
 
-    Tests: test_row_norm_is_the_l2_norm_of_each_output_row, and two about extreme scales
-    (the norm of a row of 1e-30 in float32, of 1e20 in float64, must not under- or overflow).
+    Tests: test_row_norm_*: the norm itself, and rows whose squares would under- or overflow
+    (1e-30 in float32, 1e-200 and 1e200 in float64) must still get their norm.
     """
     raise NotImplementedError("exercise 1: row_norm")
 
@@ -38,26 +38,27 @@ def adapt(W0, A, B, scaling):
 
 
 def recombine(m, V):
-    """Exercise 4 (Eq. 5). Return W' = m · V / ‖V‖_c (out, in): row j of V rescaled to length |m_j|.
-    A zero row of V gives a zero row of W'.
+    """Exercise 4 (Eq. 5). Return W' = m · V / ‖V‖_c (out, in): row j of V rescaled to length
+    |m_j|. A zero row of V gives a zero row of W'.
     """
     raise NotImplementedError("exercise 4: recombine")
 
 
 def forward(x, W0, A, B, m, scaling, bias=None):
-    """Exercise 5. The layer's output y (..., out) for x (..., in):
+    """Exercise 5 (Eq. 5). The layer's output y (..., out) for x (..., in):
     y = (m / ‖V'‖_c) ⊙ (x W0^T + s · (x A^T) B^T) + bias. A zero row of V' outputs its bias.
     """
     raise NotImplementedError("exercise 5: forward")
 
 
 def merge(W0, A, B, m, scaling):
-    """Exercise 6 (step 4). Return the merged weight W' = m · V' / ‖V'‖_c with V' = W0 + s·B A."""
+    """Exercise 6 (Eq. 5). Return the merged weight W' = m · V' / ‖V'‖_c, V' = W0 + s·B A."""
     raise NotImplementedError("exercise 6: merge")
 
 
 def unmerge(W_merged, A, B, m, scaling, norm):
-    """Exercise 7. Undo merge: return W0, given W' and norm = the stored ‖V'‖_c (out,).
+    """Exercise 7 (Eq. 5, solved for W0). Undo merge: return W0, given W' and norm = the stored
+    ‖V'‖_c (out,).
     Raise ValueError for a row with m = 0 and norm > 0 (its W0 cannot be recovered).
     """
     raise NotImplementedError("exercise 7: unmerge")
@@ -69,14 +70,16 @@ def magnitude_grad(V, grad_W):
 
 
 def adapted_weight_grad(V, m, grad_W, detach_norm=True):
-    """Exercise 9. ∂L/∂V' (out, in) from ∂L/∂W' (out, in): Eq. 11 if detach_norm (the norm is a
-    constant), else Eq. 6 (the exact gradient, projected orthogonal to each row of V').
+    """Exercise 9 (Eq. 6 and 11). ∂L/∂V' (out, in) from ∂L/∂W' (out, in): Eq. 11 if detach_norm
+    (the norm is a constant), else Eq. 6 (the exact gradient, projected orthogonal to each row of
+    V').
     """
     raise NotImplementedError("exercise 9: adapted_weight_grad")
 
 
 def backward(x, W0, A, B, m, scaling, grad_y, detach_norm=True):
-    """Exercise 10. Gradients of L, given ∂L/∂y = grad_y (..., out) for y = forward(...).
+    """Exercise 10 (Eq. 6, 7, 11). Gradients of L, given ∂L/∂y = grad_y (..., out) for
+    y = forward(...) (the norm detached or not, as in exercise 9).
     Return {"x": (..., in), "A": (r, in), "B": (out, r), "m": (out,)}.
     """
     raise NotImplementedError("exercise 10: backward")
