@@ -13,19 +13,31 @@ from .toy import ToyConfig, format_table, run
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 
+DESCRIPTION = """\
+Pretrain an 8-layer tanh MLP on a synthetic regression task; fine-tune it on a shifted task (its
+hidden layers, one after another, rescaled row by row or tilted by a rank-2 turn) with full
+fine-tuning, LoRA and DoRA at the same rank; print trainable parameters, losses, the paper's
+magnitude and direction changes (ΔM, ΔD, Eq. 3-4) of the hidden layers and their correlation over
+all layers and checkpoints (the paper's Figure 2), and time. Then merge the DoRA model and print
+how far its outputs moved."""
+
 EPILOG = """\
-The table's legend is printed under it. Progress lines go to stderr, the results to stdout.
+The table's legend is printed under it; progress lines go to stderr. Chapter 7 of the tutorial
+explains the experiment.
 
-Threads: with 2 threads, torch's intra-op threads wait for each other when other programs keep
-the cores busy. Measured on a 2-core VM (torch 2.13.0+cpu), default options, 2026-11-28:
-  {timings}
-so --threads defaults to 1."""
-
-TIMINGS = "(measured times go here)"
+Threads: torch's intra-op threads gain nothing on these 64-wide matrices and wait for each other
+when other programs keep the cores busy. Wall time of this command with default options, 2-core
+VM, torch 2.13.0+cpu, 2026-11-28 (the VM also ran other work, load average 4-10):
+  --threads 1: 21.5 s; beside two added busy loops: 64.8 s
+  --threads 2: 186.1 s; beside two added busy loops: 860.9 s
+"""
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default and keeps the epilog's line breaks."""
+    """--help shows every default (but None) and keeps the description's line breaks."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _number(text, minimum_excluded):
@@ -48,14 +60,8 @@ def parse_args(argv):
     defaults = ToyConfig()
     parser = argparse.ArgumentParser(
         prog="python -m dora_minimal", formatter_class=_Formatter,
-        epilog=EPILOG.format(timings=TIMINGS),
-        description="Pretrain an 8-layer tanh MLP on a synthetic regression task, fine-tune it "
-                    "on a shifted task (half its hidden layers rescaled row by row, half tilted "
-                    "by a rank-2 turn) with full fine-tuning, LoRA and DoRA at the same rank, "
-                    "and print trainable parameters, losses, the paper's magnitude and direction "
-                    "changes (ΔM, ΔD, Eq. 3-4) of the hidden layers, their correlation over all "
-                    "layers and checkpoints (the paper's Figure 2), and time. Then merge the "
-                    "DoRA model and print how far its outputs moved.")
+        epilog=EPILOG,
+        description=DESCRIPTION)
     add = parser.add_argument
     add("--device", default=defaults.device, help="cpu or cuda (or cuda:N)")
     add("--threads", type=int, default=1, help="torch CPU threads (torch.set_num_threads)")

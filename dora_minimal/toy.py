@@ -11,6 +11,8 @@ checkpoints, every method's points pooled.
 """
 
 import copy
+import math
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -252,40 +254,46 @@ NAMES = {"full": "full fine-tuning", "lora": "LoRA", "dora": "DoRA"}
 def format_table(toy_run):
     """The results as a table, with a legend under it saying what each column is."""
     cfg = toy_run.config
-    lines = [f"{'method':<18}{'trainable':>11}{'train loss':>12}{'held-out':>10}"
-             f"{'ΔM':>9}{'ΔD':>9}{'corr(ΔM,ΔD)':>14}{'time s':>8}"]
+    columns = [("method", 17), ("trainable", 10), ("train loss", 11), ("held-out", 9),
+               ("ΔM", 8), ("ΔD", 8), ("corr(ΔM,ΔD)", 13), ("time s", 7)]
+
+    def row(*cells):  # one space between columns, however wide a number gets
+        return " ".join(f"{cell:<{width}}" if i == 0 else f"{cell:>{width}}"
+                        for i, (cell, (_, width)) in enumerate(zip(cells, columns)))
+    lines = [row(*(title for title, _ in columns))]
     for r in toy_run.results:
         delta_m, delta_d = r.final()
-        name = NAMES[r.method] + ("" if r.method == "full" else f" r={cfg.rank}")
         corr = r.correlation()
-        corr_text = "n/a" if corr != corr else f"{corr:.2f}"  # nan != nan
-        lines.append(f"{name:<18}{r.trainable:>11,}{r.train_loss:>12.4f}{r.test_loss:>10.4f}"
-                     f"{delta_m:>9.4f}{delta_d:>9.4f}{corr_text:>14}{r.seconds:>8.1f}")
+        lines.append(row(NAMES[r.method] + ("" if r.method == "full" else f" r={cfg.rank}"),
+                         f"{r.trainable:,}", f"{r.train_loss:.4f}", f"{r.test_loss:.4f}",
+                         f"{delta_m:.4f}", f"{delta_d:.4f}",
+                         "n/a" if corr != corr else f"{corr:+.2f}", f"{r.seconds:.1f}"))
     points = cfg.hidden_layers * cfg.checkpoints
-    lines += [
-        "",
+    legend = [
         "losses: mean squared error over the whole train / held-out set, targets in units of the "
-        "teacher's output",
-        f"  std (predicting 0 scores about 1; the pretrained model scores "
-        f"{toy_run.start_loss:.4f} on the shifted task).",
+        "teacher's output std (predicting 0 scores about 1; before fine-tuning: "
+        f"{toy_run.start_loss:.4f}).",
         f"ΔM, ΔD: Eq. 3-4 against the pretrained weights: the mean over the {cfg.hidden} rows of "
-        f"a hidden layer of",
-        f"  |‖w'‖ - ‖w0‖| and of 1 - cos(w', w0); shown: their mean over the "
+        "a hidden layer of |‖w'‖ - ‖w0‖| and of 1 - cos(w', w0); shown: their mean over the "
         f"{cfg.hidden_layers} hidden layers at step {cfg.finetune_steps}.",
         f"corr(ΔM,ΔD): Pearson over {points} points ({cfg.hidden_layers} layers x "
-        f"{cfg.checkpoints} checkpoints) pooled, as the paper's Figure 2 pools",
-        "  them; its sign is the sign of the least-squares slope of ΔM against ΔD.",
+        f"{cfg.checkpoints} checkpoints) pooled, as the paper's Figure 2 pools them; its sign is "
+        "the sign of the least-squares slope of ΔM against ΔD. " + (
+            "Here half the hidden layers need only a magnitude change, half only a direction "
+            "change: a method that follows that (large ΔM with small ΔD, or the reverse) gets a "
+            "negative sign; one whose magnitude changes come with direction changes gets a "
+            "positive one." if cfg.shift == "alternate" else
+            "Here every hidden layer needs both a magnitude and a direction change."),
+        "time s: seconds of fine-tuning.",
     ]
-    if cfg.shift == "alternate":
-        lines += [
-            "  Here half the hidden layers need only a magnitude change, half only a direction "
-            "change: a method",
-            "  that follows that (large ΔM with small ΔD, or the reverse) gets a negative sign; "
-            "one whose",
-            "  magnitude changes come with direction changes gets a positive one."]
-    else:
-        lines += ["  Here every hidden layer needs both a magnitude and a direction change."]
     if any(r.correlation() != r.correlation() for r in toy_run.results):
-        lines.append("  n/a: ΔM or ΔD did not vary over the points (nothing moved), so no "
-                     "correlation exists.")
+        legend.append("n/a: ΔM or ΔD did not vary over the points (nothing moved) or is not "
+                      "finite, so no correlation exists.")
+    diverged = [NAMES[r.method] for r in toy_run.results
+                if not (math.isfinite(r.test_loss) and r.test_loss <= toy_run.start_loss)]
+    if diverged:
+        legend.append(f"{', '.join(diverged)}: the loss ended above where it started (or is "
+                      "not finite): that training diverged; try a smaller learning rate.")
+    lines.append("")
+    lines += [textwrap.fill(paragraph, 96, subsequent_indent="  ") for paragraph in legend]
     return "\n".join(lines)

@@ -104,10 +104,16 @@ def test_the_table_has_a_legend_and_says_when_no_correlation_exists():
     table = toy.format_table(ToyRun(cfg, [MethodResult("lora", 10, 20, trajectory=still)],
                                     0.5, 0.25, None))
     assert "LoRA r=4" in table and " n/a " in table and "nan" not in table
-    for text in ["losses: mean squared error", "scores 0.2500 on the shifted task",
+    assert max(len(line) for line in table.splitlines()) <= 100
+    table = " ".join(table.split())  # the legend is wrapped
+    for text in ["losses: mean squared error", "before fine-tuning: 0.2500",
                  "ΔM, ΔD: Eq. 3-4", "Pearson over 4 points (2 layers x 2 checkpoints)",
-                 "negative sign", "n/a: ΔM or ΔD did not vary"]:
+                 "negative sign", "n/a: ΔM or ΔD did not vary over the points"]:
         assert text in table
+    assert "diverged" not in table
+    diverged = MethodResult("dora", 10, 20, test_loss=float("nan"), trajectory=still)
+    table = toy.format_table(ToyRun(cfg, [diverged], 0.5, 0.25, None))
+    assert "DoRA: the loss ended above where it started" in " ".join(table.split())
 
 
 # --- the main command -------------------------------------------------------------------------
@@ -174,9 +180,10 @@ def test_main_prints_progress_the_table_its_legend_and_the_plot(tmp_path):
                              "--steps", "10", "--checkpoints", "2", *plot],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    stdout = " ".join(result.stdout.split())
     for text in ["pretraining:", "full fine-tuning", "LoRA r=4", "DoRA r=4", "corr(ΔM,ΔD)",
                  "losses: mean squared error", "Pearson over 12 points", "merged vs unmerged"]:
-        assert text in result.stdout
+        assert text in stdout
     assert "fine-tuning (DoRA): step 10/10, batch loss" in result.stderr
     if HAS_MATPLOTLIB:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
