@@ -215,7 +215,7 @@ def test_fit_line_and_moving_average():
     assert (slope, intercept) == pytest.approx(tuple(np.polyfit(x, y, 1)), rel=1e-10)
     assert np.sign(slope) == np.sign(np.corrcoef(x, y)[0, 1])
     assert np.allclose(figures.moving_average([1, 2, 3, 4, 6], 2), [1.5, 2.5, 3.5, 5])
-    assert np.allclose(figures.moving_average([1, 2], 5), [1.5])
+    assert figures.moving_average([1, 2], 5).tolist() == [1.5]  # a window longer than the data
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (the plot extra)")
