@@ -89,12 +89,12 @@ def shifted_copy(model, cfg, generator):
             out_features, in_features = W.shape
             if shift in ("tilt", "both"):
                 U = (torch.randn(out_features, 2, generator=generator)
-                     @ torch.randn(2, in_features, generator=generator))  # (out, in), rank 2
+                     @ torch.randn(2, in_features, generator=generator)).to(W.device)  # rank 2
                 V = W + cfg.tilt * W.norm() / U.norm() * U
                 W.copy_(W.norm(dim=1, keepdim=True) * V / V.norm(dim=1, keepdim=True))
             if shift in ("rescale", "both"):
                 factor = 1 + cfg.rescale * (2 * torch.rand(out_features, generator=generator) - 1)
-                W.mul_(factor[:, None])
+                W.mul_(factor.to(W.device)[:, None])  # (out, 1)
     return shifted
 
 

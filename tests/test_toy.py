@@ -59,6 +59,19 @@ def test_shifted_task_rescales_or_tilts_the_hidden_layers_and_nothing_else():
             assert torch.equal(W, W0), name
 
 
+def test_the_control_task_tilts_and_rescales_every_hidden_layer():
+    cfg = ToyConfig(hidden=16, hidden_layers=2, shift="both")
+    model = toy.make_mlp(cfg)
+    shifted = toy.shifted_copy(model, cfg, torch.Generator().manual_seed(0))
+    for name in ("2", "4"):
+        W0, W = model.get_submodule(name).weight, shifted.get_submodule(name).weight
+        cos = torch.nn.functional.cosine_similarity(W, W0, dim=1)
+        ratio = W.norm(dim=1) / W0.norm(dim=1)
+        assert (1 - cos).mean() > 0.01 and (ratio - 1).abs().mean() > 0.05
+    with pytest.raises(ValueError, match="shift: expected 'alternate' or 'both', got 'all'"):
+        toy.hidden_layer_shifts(ToyConfig(shift="all"))
+
+
 def test_pooled_correlation_is_pearson_over_every_layer_and_checkpoint():
     rng = np.random.default_rng(0)
     points = [(step, layer, rng.random(), rng.random()) for step in (5, 10) for layer in "abc"]
