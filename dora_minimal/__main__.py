@@ -27,9 +27,9 @@ explains the experiment.
 
 Threads: torch's intra-op threads gain nothing on these 64-wide matrices and wait for each other
 when other programs keep the cores busy. Wall time of this command with default options, 2-core
-VM, torch 2.13.0+cpu, 2026-11-28 (the VM also ran other work, load average 4-10):
-  --threads 1: 21.5 s; beside two added busy loops: 64.8 s
-  --threads 2: 186.1 s; beside two added busy loops: 860.9 s
+VM, torch 2.13.0+cpu, 2026-11-28 (the VM also ran other work, load average 3-10):
+  --threads 1: 16.7 to 21.5 s (3 runs); beside two added busy loops: 64.8 s
+  --threads 2: 149.3 to 186.1 s (2 runs); beside two added busy loops: 860.9 s
 """
 
 
