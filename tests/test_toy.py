@@ -246,3 +246,14 @@ def test_figures_command_refuses_a_missing_folder(tmp_path, capsys):
         figures.main([str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert "directory: expected an existing folder" in capsys.readouterr().err
+
+
+def test_figures_command_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
+    def no_matplotlib():
+        raise ImportError("No module named 'matplotlib'")
+    monkeypatch.setattr(figures, "_pyplot", no_matplotlib)
+    monkeypatch.setattr(figures, "make_figures", lambda *a: pytest.fail("work was started"))
+    with pytest.raises(SystemExit) as exit_info:
+        figures.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "matplotlib is not installed (pip install matplotlib)" in capsys.readouterr().err
