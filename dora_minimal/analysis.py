@@ -6,9 +6,10 @@ units (w0_j the pretrained row j, w'_j the fine-tuned one, k rows):
     Eq. 3   ΔM = (1/k) Σ_j | ‖w'_j‖ - ‖w0_j‖ |
     Eq. 4   ΔD = (1/k) Σ_j (1 - cos(w'_j, w0_j))
 
-The paper finds that full fine-tuning and DoRA can change direction a lot with little change of
-magnitude or the reverse (a negative ΔM-ΔD correlation over training), while LoRA moves both
-together (a positive one).
+The paper computes them for the query matrices of several layers at four checkpoints and plots
+every (ΔD, ΔM) point of a method together (its Figure 2): full fine-tuning and DoRA change
+direction a lot with little change of magnitude or the reverse (a falling cloud of points), while
+LoRA moves both together (a rising one). dora_minimal.toy repeats the measurement on a toy.
 """
 
 import torch

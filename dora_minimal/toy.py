@@ -1,12 +1,18 @@
-"""A toy fine-tuning experiment: pretrain a small MLP on a synthetic task, then adapt it to a
-shifted task three ways (full fine-tuning, LoRA, DoRA at the same rank) and compare them.
+"""A toy fine-tuning experiment: the paper's Figure 2 (Section 3.2) measured on a small MLP.
 
-The task: regress the outputs of a random "teacher" MLP. The shifted task's teacher has every
-weight row rescaled (a change of magnitude) and tilted by a low-rank update (a change of
-direction), so both halves of DoRA's decomposition have something to learn.
+Pretrain an 8-layer tanh MLP (in -> hidden x 7 -> out) to imitate a random "teacher" network.
+Then build the shifted task from the pretrained model itself: its hidden (hidden, hidden) layers
+are changed, alternating layer by layer, by a pure per-row rescale (magnitudes change, directions
+do not) or by a norm-preserving rank-2 tilt (directions change, magnitudes do not). Some layers
+need only magnitude, the others only direction, and an exact solution exists. Fine-tune the
+pretrained model on the shifted task three ways (full fine-tuning, LoRA and DoRA at the same
+rank) and measure, as Section 3.2 does, ΔM and ΔD (Eq. 3-4) of each hidden layer at a few
+checkpoints, every method's points pooled.
 """
 
 import copy
+import math
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -22,71 +28,108 @@ class ToyConfig:
     seed: int = 0
     in_features: int = 32
     hidden: int = 64
+    hidden_layers: int = 6         # the (hidden, hidden) layers: shifted, then measured
     out_features: int = 8
     train_size: int = 8192
     test_size: int = 1024
-    batch: int = 128
+    batch: int = 64
     pretrain_steps: int = 1500
+    pretrain_lr: float = 3e-3
     finetune_steps: int = 600
-    checkpoints: int = 10
+    checkpoints: int = 4           # the paper: 3 intermediate checkpoints and the final one
     rank: int = 4
     lora_alpha: float = 8.0
-    lr: float = 3e-3
-    full_lr: float = 1e-3
+    lr: float = 2e-3               # LoRA and DoRA
+    full_lr: float = 1e-3          # full fine-tuning
+    rescale: float = 0.3           # rescaled layers: each row times a factor in [1 - 0.3, 1 + 0.3]
+    tilt: float = 0.5              # tilted layers: a rank-2 update of 0.5 x the weight's norm
+    shift: str = "alternate"       # or "both": every hidden layer rescaled and tilted (a control)
     device: str = "cpu"
     methods: tuple = ("full", "lora", "dora")
 
 
 def make_mlp(cfg, gain=1.0):
-    """in -> hidden -> hidden -> out with tanh; gain > 1 makes a more nonlinear teacher."""
-    mlp = nn.Sequential(nn.Linear(cfg.in_features, cfg.hidden), nn.Tanh(),
-                        nn.Linear(cfg.hidden, cfg.hidden), nn.Tanh(),
-                        nn.Linear(cfg.hidden, cfg.out_features))
+    """in -> hidden -> (hidden -> hidden) x hidden_layers -> out, tanh between; gain scales the
+    initial weights (a teacher with gain > 1 is more nonlinear)."""
+    sizes = [cfg.in_features] + [cfg.hidden] * (cfg.hidden_layers + 1) + [cfg.out_features]
+    layers = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(fan_in, fan_out), nn.Tanh()]
+    mlp = nn.Sequential(*layers[:-1])
     with torch.no_grad():
         for layer in mlp[::2]:
             layer.weight.mul_(gain)
     return mlp
 
 
-def shifted_teacher(teacher, generator, magnitude=0.3, direction=0.5, rank=2):
-    """A copy of teacher with each weight's rows rescaled by 1 ± magnitude and tilted by a rank-2
-    update of relative size `direction`."""
-    shifted = copy.deepcopy(teacher)
+def hidden_layer_names(cfg):
+    """Names of the (hidden, hidden) layers in make_mlp's Sequential: '2', '4', ..."""
+    return [str(2 * i) for i in range(1, cfg.hidden_layers + 1)]
+
+
+def hidden_layer_shifts(cfg):
+    """{hidden layer name: 'rescale', 'tilt' or 'both'}: how the shifted task changes it."""
+    if cfg.shift not in ("alternate", "both"):
+        raise ValueError(f"shift: expected 'alternate' or 'both', got {cfg.shift!r}")
+    return {name: "both" if cfg.shift == "both" else ("rescale", "tilt")[i % 2]
+            for i, name in enumerate(hidden_layer_names(cfg))}
+
+
+def shifted_copy(model, cfg, generator):
+    """A copy of model whose hidden layers are rescaled (1st, 3rd, ...) and tilted (2nd, 4th,
+    ...), or, with cfg.shift == "both", each tilted then rescaled.
+
+    Tilt: V = W + tilt ‖W‖_F / ‖U‖_F U with U of rank 2, then w_j <- ‖w_j‖ v_j / ‖v_j‖ (ΔM = 0).
+    Rescale: w_j <- k_j w_j with k_j uniform in [1 - rescale, 1 + rescale] (ΔD = 0).
+    """
+    shifted = copy.deepcopy(model)
     with torch.no_grad():
-        for layer in shifted:
-            if isinstance(layer, nn.Linear):
-                W = layer.weight
-                out, inp = W.shape
-                update = torch.randn(out, rank, generator=generator) @ torch.randn(
-                    rank, inp, generator=generator)
-                V = W + direction * W.norm() / update.norm() * update
-                scale = 1 + magnitude * (2 * torch.rand(out, generator=generator) - 1)
-                W.copy_(scale[:, None] * W.norm(dim=1, keepdim=True) * V / V.norm(dim=1,
-                                                                                  keepdim=True))
+        for name, shift in hidden_layer_shifts(cfg).items():
+            W = shifted.get_submodule(name).weight  # (hidden, hidden)
+            out_features, in_features = W.shape
+            if shift in ("tilt", "both"):
+                U = (torch.randn(out_features, 2, generator=generator)
+                     @ torch.randn(2, in_features, generator=generator)).to(W.device)  # rank 2
+                V = W + cfg.tilt * W.norm() / U.norm() * U
+                W.copy_(W.norm(dim=1, keepdim=True) * V / V.norm(dim=1, keepdim=True))
+            if shift in ("rescale", "both"):
+                factor = 1 + cfg.rescale * (2 * torch.rand(out_features, generator=generator) - 1)
+                W.mul_(factor.to(W.device)[:, None])  # (out, 1)
     return shifted
 
 
 def make_data(teacher, size, in_features, generator, y_scale=1.0):
-    x = torch.randn(size, in_features, generator=generator)
+    """(x, teacher(x) / y_scale) for `size` standard normal inputs, on the teacher's device."""
+    x = torch.randn(size, in_features, generator=generator).to(teacher[0].weight.device)
     with torch.no_grad():
         y = teacher(x) / y_scale
     return x, y
 
 
-def train(model, data, steps, lr, batch, generator, on_checkpoint=None, every=None):
-    """Adam on the mean squared error over random mini-batches; returns the final train loss."""
+def checkpoint_steps(steps, count):
+    """`count` steps evenly spread over 1..steps, the last one `steps` (the final checkpoint)."""
+    if not 1 <= count <= steps:
+        raise ValueError(f"count: expected 1 <= count <= steps = {steps}, got {count}")
+    return [round(k * steps / count) for k in range(1, count + 1)]
+
+
+def train(model, data, steps, lr, batch, generator, on_step=None):
+    """Adam (no weight decay) on the mean squared error over random mini-batches;
+    on_step(step, batch loss) after every step. Returns the batch losses."""
     x, y = data
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
+    losses = []
     for step in range(1, steps + 1):
         index = torch.randint(0, len(x), (batch,), generator=generator).to(x.device)
         loss = nn.functional.mse_loss(model(x[index]), y[index])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if on_checkpoint is not None and step % every == 0:
-            on_checkpoint(step)
-    return evaluate(model, data)
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
 
 
 def evaluate(model, data):
@@ -100,50 +143,71 @@ class MethodResult:
     method: str
     trainable: int
     total: int
-    train_loss: float
-    test_loss: float
-    seconds: float
+    train_loss: float = 0.0
+    test_loss: float = 0.0
+    seconds: float = 0.0
+    losses: list = field(default_factory=list)      # batch loss after each fine-tuning step
     trajectory: list = field(default_factory=list)  # [(step, layer, ΔM, ΔD)]
 
     def final(self):
-        """Mean ΔM and ΔD over layers at the last checkpoint."""
+        """Mean ΔM and ΔD over the measured layers at the last checkpoint."""
         last = [t for t in self.trajectory if t[0] == self.trajectory[-1][0]]
         return (sum(t[2] for t in last) / len(last), sum(t[3] for t in last) / len(last))
 
     def correlation(self):
-        """ΔM-ΔD correlation over checkpoints, per layer, averaged over layers."""
-        layers = sorted({t[1] for t in self.trajectory})
-        values = [correlation([t[2] for t in self.trajectory if t[1] == layer],
-                              [t[3] for t in self.trajectory if t[1] == layer])
-                  for layer in layers]
-        return sum(values) / len(values)
+        """Pearson correlation of ΔM and ΔD over all (layer, checkpoint) points, pooled as the
+        paper's Figure 2 pools them; its sign is the sign of the least-squares slope."""
+        return correlation([t[2] for t in self.trajectory], [t[3] for t in self.trajectory])
 
 
-def run(cfg=None, log=print):
-    """Pretrain, fine-tune with each method, and report. Returns (results, merge_difference)."""
+@dataclass
+class ToyRun:
+    config: ToyConfig
+    results: list                # one MethodResult per method
+    pretrain_loss: float         # held-out loss of the pretrained model on the original task
+    start_loss: float            # ... and on the shifted task, before fine-tuning
+    merge_difference: float      # largest |merged - unmerged| output of the DoRA model (or None)
+
+
+def run(cfg=None, log=print, progress=None, progress_lines=5):
+    """Pretrain, fine-tune with each method, measure ΔM and ΔD; returns a ToyRun.
+
+    log(line) gets one line per phase; progress(line), if given, `progress_lines` lines within it.
+    """
     cfg = cfg or ToyConfig()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    teacher = make_mlp(cfg, gain=3.0)
-    new_teacher = shifted_teacher(teacher, generator)
-    # targets scaled to unit variance on the original task, so a loss of 1 is "learned nothing"
+    teacher = make_mlp(cfg, gain=3.0).to(device)
+    # targets divided by the teacher's output std: a loss of 1 is about what predicting 0 scores
     y_scale = float(make_data(teacher, cfg.test_size, cfg.in_features, generator)[1].std())
 
-    def data(t, size):
-        return tuple(a.to(device) for a in make_data(t, size, cfg.in_features, generator,
-                                                      y_scale))
-    pretrain_data = data(teacher, cfg.train_size)
-    train_data, test_data = data(new_teacher, cfg.train_size), data(new_teacher, cfg.test_size)
+    def data(model, size):
+        return make_data(model, size, cfg.in_features, generator, y_scale)
+
+    def reporter(phase, steps):
+        """An on_step for train: a progress line every steps // progress_lines steps."""
+        every = max(1, steps // progress_lines)
+
+        def report(step, loss):
+            if progress is not None and step % every == 0:
+                progress(f"  {phase}: step {step}/{steps}, batch loss {loss:.4f}")
+        return report
 
     start = time.perf_counter()
     pretrained = make_mlp(cfg).to(device)
-    loss = train(pretrained, pretrain_data, cfg.pretrain_steps, cfg.full_lr * 3, cfg.batch,
-                 generator)
-    log(f"pretraining: {cfg.pretrain_steps} steps, loss {loss:.4f} on the original task, "
-        f"{evaluate(pretrained, test_data):.4f} on the shifted one "
+    pretrain_data, pretrain_test = data(teacher, cfg.train_size), data(teacher, cfg.test_size)
+    train(pretrained, pretrain_data, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch, generator,
+          reporter("pretraining", cfg.pretrain_steps))
+    task = shifted_copy(pretrained, cfg, generator)
+    train_data, test_data = data(task, cfg.train_size), data(task, cfg.test_size)
+    pretrain_loss, start_loss = evaluate(pretrained, pretrain_test), evaluate(pretrained, test_data)
+    log(f"pretraining: {cfg.pretrain_steps} steps, held-out loss {pretrain_loss:.4f} on the "
+        f"original task, {start_loss:.4f} on the shifted one "
         f"({time.perf_counter() - start:.1f} s)")
     base_weights = effective_weights(pretrained)
+    measured = hidden_layer_names(cfg)
+    at_checkpoint = set(checkpoint_steps(cfg.finetune_steps, cfg.checkpoints))
 
     results, dora_model = [], None
     for method in cfg.methods:
@@ -154,19 +218,22 @@ def run(cfg=None, log=print):
             inject_adapters(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha,
                                               use_dora=method == "dora"))
         counts = trainable_parameters(model)
-        result = MethodResult(method, counts.trainable, counts.total, 0.0, 0.0, 0.0)
+        result = MethodResult(method, counts.trainable, counts.total)
+        report = reporter(f"fine-tuning ({NAMES[method]})", cfg.finetune_steps)
 
-        def checkpoint(step, model=model, result=result):
-            changes = decomposition_by_layer(base_weights, effective_weights(model))
-            result.trajectory += [(step, name, dm, dd) for name, (dm, dd) in changes.items()]
+        def on_step(step, loss, model=model, result=result, report=report):
+            if step in at_checkpoint:  # Eq. 3-4 for each measured layer against the pretrained
+                changes = decomposition_by_layer(base_weights, effective_weights(model))
+                result.trajectory += [(step, name, *changes[name]) for name in measured]
+            report(step, loss)
         start = time.perf_counter()
-        result.train_loss = train(model, train_data, cfg.finetune_steps,
-                                  cfg.full_lr if method == "full" else cfg.lr, cfg.batch,
-                                  method_generator, checkpoint,
-                                  max(1, cfg.finetune_steps // cfg.checkpoints))
+        result.losses = train(model, train_data, cfg.finetune_steps,
+                              cfg.full_lr if method == "full" else cfg.lr, cfg.batch,
+                              method_generator, on_step)
         result.seconds = time.perf_counter() - start
-        result.test_loss = evaluate(model, test_data)
-        log(f"fine-tuning ({method}): {cfg.finetune_steps} steps, train loss "
+        result.train_loss, result.test_loss = evaluate(model, train_data), evaluate(model,
+                                                                                    test_data)
+        log(f"fine-tuning ({NAMES[method]}): {cfg.finetune_steps} steps, train loss "
             f"{result.train_loss:.4f}, held-out {result.test_loss:.4f} ({result.seconds:.1f} s)")
         results.append(result)
         if method == "dora":
@@ -178,37 +245,55 @@ def run(cfg=None, log=print):
             unmerged = dora_model(test_data[0])
             merged = merge_adapters(copy.deepcopy(dora_model))(test_data[0])
         merge_difference = float((merged - unmerged).abs().max())
-    return results, merge_difference
+    return ToyRun(cfg, results, pretrain_loss, start_loss, merge_difference)
 
 
 NAMES = {"full": "full fine-tuning", "lora": "LoRA", "dora": "DoRA"}
 
 
-def format_table(results, rank):
-    lines = [f"{'method':<18}{'trainable':>11}{'train loss':>12}{'held-out':>10}"
-             f"{'ΔM':>9}{'ΔD':>9}{'corr(ΔM,ΔD)':>14}{'time s':>8}"]
-    for r in results:
+def format_table(toy_run):
+    """The results as a table, with a legend under it saying what each column is."""
+    cfg = toy_run.config
+    columns = [("method", 17), ("trainable", 10), ("train loss", 11), ("held-out", 9),
+               ("ΔM", 8), ("ΔD", 8), ("corr(ΔM,ΔD)", 13), ("time s", 7)]
+
+    def row(*cells):  # one space between columns, however wide a number gets
+        return " ".join(f"{cell:<{width}}" if i == 0 else f"{cell:>{width}}"
+                        for i, (cell, (_, width)) in enumerate(zip(cells, columns)))
+    lines = [row(*(title for title, _ in columns))]
+    for r in toy_run.results:
         delta_m, delta_d = r.final()
-        name = NAMES[r.method] + ("" if r.method == "full" else f" r={rank}")
-        lines.append(f"{name:<18}{r.trainable:>11,}{r.train_loss:>12.4f}{r.test_loss:>10.4f}"
-                     f"{delta_m:>9.4f}{delta_d:>9.4f}{r.correlation():>14.2f}{r.seconds:>8.1f}")
+        corr = r.correlation()
+        lines.append(row(NAMES[r.method] + ("" if r.method == "full" else f" r={cfg.rank}"),
+                         f"{r.trainable:,}", f"{r.train_loss:.4f}", f"{r.test_loss:.4f}",
+                         f"{delta_m:.4f}", f"{delta_d:.4f}",
+                         "n/a" if corr != corr else f"{corr:+.2f}", f"{r.seconds:.1f}"))
+    points = cfg.hidden_layers * cfg.checkpoints
+    legend = [
+        "losses: mean squared error over the whole train / held-out set, targets in units of the "
+        "teacher's output std (predicting 0 scores about 1; before fine-tuning: "
+        f"{toy_run.start_loss:.4f}).",
+        f"ΔM, ΔD: Eq. 3-4 against the pretrained weights: the mean over the {cfg.hidden} rows of "
+        "a hidden layer of |‖w'‖ - ‖w0‖| and of 1 - cos(w', w0); shown: their mean over the "
+        f"{cfg.hidden_layers} hidden layers at step {cfg.finetune_steps}.",
+        f"corr(ΔM,ΔD): Pearson over {points} points ({cfg.hidden_layers} layers x "
+        f"{cfg.checkpoints} checkpoints) pooled, as the paper's Figure 2 pools them; its sign is "
+        "the sign of the least-squares slope of ΔM against ΔD. " + (
+            "Here half the hidden layers need only a magnitude change, half only a direction "
+            "change: a method that follows that (large ΔM with small ΔD, or the reverse) gets a "
+            "negative sign; one whose magnitude changes come with direction changes gets a "
+            "positive one." if cfg.shift == "alternate" else
+            "Here every hidden layer needs both a magnitude and a direction change."),
+        "time s: seconds of fine-tuning.",
+    ]
+    if any(r.correlation() != r.correlation() for r in toy_run.results):
+        legend.append("n/a: ΔM or ΔD did not vary over the points (nothing moved) or is not "
+                      "finite, so no correlation exists.")
+    diverged = [NAMES[r.method] for r in toy_run.results
+                if not (math.isfinite(r.test_loss) and r.test_loss <= toy_run.start_loss)]
+    if diverged:
+        legend.append(f"{', '.join(diverged)}: the loss ended above where it started (or is "
+                      "not finite): that training diverged; try a smaller learning rate.")
+    lines.append("")
+    lines += [textwrap.fill(paragraph, 96, subsequent_indent="  ") for paragraph in legend]
     return "\n".join(lines)
-
-
-def plot(results, path):
-    """The paper's Figure 2: ΔD (x) against ΔM (y) at each checkpoint, one panel per method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
-    for axis, r in zip(axes[0], results):
-        for layer in sorted({t[1] for t in r.trajectory}):
-            points = [(t[3], t[2], t[0]) for t in r.trajectory if t[1] == layer]
-            axis.scatter([p[0] for p in points], [p[1] for p in points], s=14,
-                         label=f"layer {layer}")
-        axis.set(title=f"{NAMES[r.method]} (corr {r.correlation():.2f})", xlabel="ΔD",
-                 ylabel="ΔM")
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)

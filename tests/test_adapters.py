@@ -1,5 +1,5 @@
-"""Adapters in toy models: LoraConfig, inject/merge, saving, PEFT keys, ΔM/ΔD, the main command,
-DistributedDataParallel and torch.compile."""
+"""Adapters in toy models: LoraConfig, inject/merge, saving, PEFT keys, ΔM/ΔD,
+DistributedDataParallel and torch.compile (the main command: test_toy.py)."""
 
 import copy
 import importlib.util
@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import dora_minimal as dm
-from dora_minimal.toy import ToyConfig, run
 from helpers import rel_error
 
 
@@ -421,51 +420,6 @@ def test_magnitude_and_direction_changes_eq3_eq4():
     delta_m, delta_d = dm.magnitude_direction_change(W0, W)
     assert delta_m == pytest.approx(0.0, abs=1e-14)
     assert delta_d == pytest.approx(float((1 - cos).mean()), rel=1e-12)
-
-
-# --- the main command -------------------------------------------------------------------------
-
-SMALL = dict(pretrain_steps=30, finetune_steps=20, checkpoints=4, train_size=256, test_size=128)
-
-
-def test_toy_run_is_deterministic_and_merging_changes_nothing():
-    results, merge_difference = run(ToyConfig(**SMALL), log=lambda line: None)
-    again, _ = run(ToyConfig(**SMALL), log=lambda line: None)
-    assert [r.method for r in results] == ["full", "lora", "dora"]
-    for a, b in zip(results, again):
-        assert (a.train_loss, a.test_loss, a.trajectory) == (b.train_loss, b.test_loss,
-                                                              b.trajectory)
-    assert [r.trainable for r in results] == [6792, 4 * (32 + 64 + 64 + 64 + 64 + 8),
-                                              4 * (32 + 64 + 64 + 64 + 64 + 8) + 64 + 64 + 8]
-    assert merge_difference < 1e-5
-    assert len(results[2].trajectory) == 4 * 3  # 4 checkpoints x 3 layers
-
-
-def run_main(*args):
-    return subprocess.run([sys.executable, "-m", "dora_minimal", *args], capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_main_help_and_bad_options():
-    help_text = run_main("--help")
-    assert help_text.returncode == 0 and "--device" in help_text.stdout
-    bad = run_main("--rank", "0")
-    assert bad.returncode == 2 and "--rank: expected an integer >= 1, got 0" in bad.stderr
-
-
-def test_main_prints_the_table_and_plots_or_says_it_cannot(tmp_path):
-    path = tmp_path / "figure.png"
-    result = run_main("--pretrain-steps", "20", "--steps", "10", "--checkpoints", "2",
-                      "--plot", str(path))
-    if importlib.util.find_spec("matplotlib") is None:
-        assert result.returncode == 2 and "--plot needs matplotlib" in result.stderr
-        result = run_main("--pretrain-steps", "20", "--steps", "10", "--checkpoints", "2")
-    else:
-        assert path.stat().st_size > 0
-    assert result.returncode == 0, result.stderr
-    for text in ["pretraining:", "full fine-tuning", "LoRA r=4", "DoRA r=4", "corr(ΔM,ΔD)",
-                 "merged vs unmerged"]:
-        assert text in result.stdout
 
 
 # --- distributed and compiled -----------------------------------------------------------------
