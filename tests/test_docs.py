@@ -22,8 +22,8 @@ from helpers import CHAPTERS, EXERCISES
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md"] + sorted((ROOT / "tutorial").glob("[0-9]*.md"))
 # documents whose >>> blocks still need the blank lines of the two tests below
-NOT_YET_PASTEABLE = {"07_toy_model.md"}
-NOT_YET_DOCTESTABLE = {"02_adapt.md", "07_toy_model.md"}
+NOT_YET_PASTEABLE = set()
+NOT_YET_DOCTESTABLE = set()
 EXERCISE_DOCS = [ROOT / "tutorial" / "README.md", ROOT / "tutorial" / "exercises" / "README.md",
                  ROOT / "tutorial" / "exercises" / "HINTS.md",
                  ROOT / "tutorial" / "exercises" / "dora.py"]
