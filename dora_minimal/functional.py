@@ -79,10 +79,11 @@ def _row_blocks(out_features, in_features):
 def adapted_rows(weight, lora_A, lora_B, scaling, rows=slice(None)):
     """V'[rows] = W0[rows] + s·B[rows] A (rows, in), a new tensor in the accumulation dtype."""
     acc = accumulation_dtype(weight.dtype)
+    if weight.dtype == acc:  # Eq. 5: V' = W0 + s·B A
+        return torch.addmm(weight[rows], lora_B[rows], lora_A, alpha=scaling)
     B, A = lora_B[rows].to(acc), lora_A.to(acc)
-    if weight.dtype != acc and plain_eager():  # one temporary: the copy takes the product
+    if plain_eager():  # one temporary: the copy of W0's rows takes the product in place
         return weight[rows].to(acc).addmm_(B, A, alpha=scaling)
-    # Eq. 5: V' = W0 + s·B A
     return torch.addmm(weight[rows].to(acc), B, A, alpha=scaling)
 
 
@@ -112,7 +113,8 @@ def magnitude_and_norm_grads(sum_G_y0, magnitude, norm, c, detach_norm):
 
     y = (m/‖V'‖) ⊙ y0 + b, so ∂L/∂m = g/‖V'‖ and ∂L/∂‖V'‖ = -m g/‖V'‖² = -c g/‖V'‖, the latter
     divided once by ‖V'‖ (not by ‖V'‖² at once, which underflows for tiny rows)."""
-    grad_m = _divide_or_zero(sum_G_y0, norm).to(magnitude.dtype)  # Eq. 7
+    grad_m = _divide_or_zero(sum_G_y0, norm)  # Eq. 7
+    grad_m = grad_m if grad_m.dtype == magnitude.dtype else grad_m.to(magnitude.dtype)
     grad_norm = None if detach_norm else _divide_or_zero(-c * sum_G_y0, norm)
     return grad_m, grad_norm
 
@@ -175,15 +177,16 @@ class DoRAFunction(torch.autograd.Function):
     def forward(x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
                 small=False):
         in_features, out_features = weight.shape[1], weight.shape[0]
-        x2 = x.reshape(-1, in_features)  # (T, in)
+        x2 = x if x.dim() == 2 else x.reshape(-1, in_features)  # (T, in)
         if small:
-            # a small step: form V' and W' themselves and make one product with x
-            V = adapted_rows(weight, lora_A, lora_B, scaling)  # (out, in)
+            # a small step (float32/64): form V' and W' themselves and make one product with x
+            V = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # (out, in): Eq. 5
             norm = torch.linalg.vector_norm(V, dim=1)  # (out,)
-            c = _divide_or_zero(magnitude.to(norm.dtype), norm)  # (out,)
+            m = magnitude if magnitude.dtype == norm.dtype else magnitude.to(norm.dtype)
+            c = _divide_or_zero(m, norm)  # (out,)
             W = V * c[:, None]  # (out, in): Eq. 5, W' = m · V'/‖V'‖_c
-            y = F.linear(x2, W, bias)  # (T, out)
-            return y.reshape(*x.shape[:-1], out_features), c, norm, V, W
+            y = F.linear(x, W, bias)  # (..., out)
+            return y, c, norm, V, W
         xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, in_features)  # (T, in)
         # first the norm, so that its blocks of V' are freed before y0 and y exist
         norm = adapted_row_norm(weight, lora_A, lora_B, scaling)  # (out,)
@@ -196,17 +199,9 @@ class DoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm, *small = inputs
-        _, c, norm, saved, saved_large = output  # (x A^T, y0), or (V', W') for a small step
-        ctx.mark_non_differentiable(c, norm, saved, saved_large)
+        ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero (T, out) gradients for y0 and the others
-        ctx.small = bool(small) and small[0]
-        # y0 (T, out) is kept only for Eq. 7 and the exact mode's norm path
-        if not ctx.small and not (ctx.needs_input_grad[5] or not detach_norm):
-            saved_large = None
-        ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, magnitude, c, norm, saved,
-                              saved_large)
-        ctx.scaling, ctx.detach_norm = scaling, detach_norm
+        _save_for_backward(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad_y, *_):
@@ -215,9 +210,9 @@ class DoRAFunction(torch.autograd.Function):
             return (None,) * 10
         s, detach_norm, needs = ctx.scaling, ctx.detach_norm, ctx.needs_input_grad
         in_features, out_features = weight.shape[1], weight.shape[0]
-        x2 = x.reshape(-1, in_features)  # (T, in)
+        x2 = x if x.dim() == 2 else x.reshape(-1, in_features)  # (T, in)
         xa2 = None if x_adapter is None else x_adapter.reshape(-1, in_features)
-        G = grad_y.reshape(-1, out_features)  # (T, out)
+        G = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, out_features)  # (T, out)
         if plain_eager() and ctx.small:
             V, W = xA, y0  # what a small step saved
             grads = _backward_small(G, x2, weight, lora_A, lora_B, magnitude, c, norm, V, W, s,
@@ -236,11 +231,22 @@ class DoRAFunction(torch.autograd.Function):
             grads = _backward_whole(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA,
                                     y0, s, detach_norm, needs)
         grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias = grads
-        if grad_x is not None:
+        if grad_x is not None and x.dim() != 2:
             grad_x = grad_x.reshape(x.shape)
         if grad_xa is not None:
             grad_xa = grad_xa.reshape(x.shape)
         return grad_x, grad_xa, None, grad_A, grad_B, grad_m, grad_bias, None, None, None
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm, small = inputs
+    _, c, norm, saved, saved_large = output  # (x A^T, y0), or (V', W') for a small step
+    # y0 (T, out) is kept only for Eq. 7 and the exact mode's norm path
+    if not small and not (ctx.needs_input_grad[5] or not detach_norm):
+        saved_large = None
+    ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, magnitude, c, norm, saved,
+                          saved_large)
+    ctx.scaling, ctx.detach_norm, ctx.small = scaling, detach_norm, small
 
 
 def _backward_small(G, x2, weight, lora_A, lora_B, magnitude, c, norm, V, W, s, detach_norm,
@@ -353,15 +359,17 @@ def _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, 
     return grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias
 
 
-def apply_dora_function(x, x_adapter, weight, *args):
-    """DoRAFunction.apply with every argument given positionally, and `small` chosen by
-    forms_merged_weight. In plain eager calls it calls autograd's C++ entry directly:
-    Function.apply would first bind the arguments to forward's signature with inspect, about
-    90 µs a call on a 2-core CPU, more than a toy layer's whole forward."""
-    small = forms_merged_weight(x, x_adapter, weight)
+def apply_dora_function(x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling,
+                        detach_norm):
+    """y from DoRAFunction.apply, with `small` chosen by forms_merged_weight. In plain eager calls
+    it enters autograd's C++ side directly: Function.apply would first bind the arguments to
+    forward's signature with inspect, about 90 µs a call on a 2-core CPU, more than a toy
+    layer's whole forward."""
+    args = (x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
+            forms_merged_weight(x, x_adapter, weight))
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return DoRAFunction.apply(x, x_adapter, weight, *args, small)
-    return super(torch.autograd.Function, DoRAFunction).apply(x, x_adapter, weight, *args, small)
+        return DoRAFunction.apply(*args)[0]
+    return super(torch.autograd.Function, DoRAFunction).apply(*args)[0]
 
 
 def _block_tokens(tokens, in_features, out_features):
@@ -432,7 +440,7 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
         raise ValueError(f"lora_input: expected x's shape {tuple(x.shape)}, "
                          f"got {tuple(lora_input.shape)}")
     return apply_dora_function(x, lora_input, weight, lora_A, lora_B, magnitude, bias, s,
-                               detach_norm)[0]
+                               detach_norm)
 
 
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, lora_input=None):

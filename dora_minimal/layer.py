@@ -180,7 +180,7 @@ class DoRALinear(nn.Module):
                                                              self.magnitude)))
         if self.training or needs_grad:  # checked above: straight to the autograd.Function
             return apply_dora_function(x, lora_input, self.weight, self.lora_A, self.lora_B,
-                                       self.magnitude, self.bias, s, self.detach_norm)[0]
+                                       self.magnitude, self.bias, s, self.detach_norm)
         return self._inference(x)
 
     def _well_formed(self, x):
