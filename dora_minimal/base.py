@@ -37,6 +37,7 @@ class AdaptedLayer(nn.Module):
     """
     BASE_TYPES = ()
     TRAILING_DIMS = 0  # dims of the output after its channel dim (a convolution's spatial dims)
+    FAN_IN_FAN_OUT = False  # PEFT's config flag for a weight stored (in, out)
     PEFT_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
                  "magnitude": "lora_magnitude_vector"}
 

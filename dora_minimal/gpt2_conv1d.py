@@ -38,6 +38,7 @@ class DoRAConv1D(AdaptedLayer):
         base_class: the Conv1D class that to_base() returns (from_base sets it).
     """
     BASE_TYPES = staticmethod(is_transformers_conv1d)
+    FAN_IN_FAN_OUT = True  # PEFT saves "fan_in_fan_out": true for it
 
     def __init__(self, in_features, out_features, r, lora_alpha, lora_dropout=0.0,
                  use_dora=True, detach_norm=True, device=None, dtype=None, base_class=None):

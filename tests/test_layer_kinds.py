@@ -5,7 +5,6 @@ flattened weight, merge and state, argument checks, and (where installed) PEFT s
 import copy
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
