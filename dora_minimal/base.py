@@ -113,7 +113,7 @@ class AdaptedLayer(nn.Module):
         """A plain torch module of the base's kind holding the merged weight W' and the bias;
         this layer is unchanged."""
         W = self.weight.detach().double() if self.merged else self._from_view(self._merge_math()[0])
-        _check_finite("to_base()", self._weight_view(W), self.weight.dtype)
+        _check_finite(self._to_plain_name, self._weight_view(W), self.weight.dtype)
         module = self._plain_module()
         with torch.no_grad():
             module.weight.copy_(W)
