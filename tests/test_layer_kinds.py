@@ -208,6 +208,9 @@ def test_at_init_the_adapted_layer_equals_the_base_and_shares_the_layer_behaviou
     x = make_x()
     layer = adapter_class.from_base(base, r=3, lora_alpha=6)
     assert torch.allclose(layer(x), base(x), atol=1e-6)
+    zero, random = ((layer.lora_A, layer.lora_B) if kind == "embedding"  # PEFT's init
+                    else (layer.lora_B, layer.lora_A))
+    assert torch.all(zero == 0) and random.std() > 0
     assert layer.magnitude.shape == (layer._weight_view(layer.weight).shape[0],)
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == \
         {"lora_A", "lora_B", "magnitude"}
