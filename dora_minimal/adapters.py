@@ -20,34 +20,36 @@ from torch import nn
 
 from .checks import (check_bool, check_dropout, check_positive, check_positive_int,
                      check_rank)
+from .conv import DoRAConv1d, DoRAConv2d, DoRAConv3d
+from .embedding import DoRAEmbedding
+from .gpt2_conv1d import DoRAConv1D
 from .layer import DoRALinear
 
 
 class AdapterKind(NamedTuple):
-    """How one type of base module is adapted, merged back and saved in PEFT's layout."""
-    adapter: type                    # the adapter layer class
-    from_base: Callable              # (base, r, lora_alpha, lora_dropout, use_dora, detach_norm)
-    to_base: Callable                # adapter -> the plain module holding the merged weight
-    peft_keys: dict                  # adapter tensor name -> PEFT's key suffix
-    fan_in_fan_out: bool = False     # PEFT's flag for a weight stored (in, out)
-    linear: bool = True              # chosen by target_modules=None and "all-linear"
+    """Which adapter layer adapts which base modules. The layer class (an AdaptedLayer) knows the
+    rest: adapts(module), from_base(...), to_base(), peft_tensors() (its tensors under PEFT's
+    keys and shapes) and FAN_IN_FAN_OUT (PEFT's flag for a weight stored (in, out))."""
+    adapter: type
+    linear: bool  # chosen by target_modules=None and "all-linear"
 
 
-# base module type -> how to adapt it; a new layer type is one more entry here
-ADAPTER_KINDS = {
-    nn.Linear: AdapterKind(DoRALinear, DoRALinear.from_linear, DoRALinear.to_linear,
-                           {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
-                            "magnitude": "lora_magnitude_vector"}),
-}
+# the one list of what can be adapted; a new layer type is one more entry here
+ADAPTER_KINDS = (
+    AdapterKind(DoRALinear, linear=True),  # nn.Linear
+    AdapterKind(DoRAConv1D, linear=True),  # transformers' Conv1D (GPT-2): a linear layer
+    AdapterKind(DoRAConv1d, linear=False),
+    AdapterKind(DoRAConv2d, linear=False),
+    AdapterKind(DoRAConv3d, linear=False),
+    AdapterKind(DoRAEmbedding, linear=False),
+)
 ALL_LINEAR = "all-linear"
 
 
 def kind_of(module):
     """The AdapterKind that adapts `module` (a base module) or that `module` is (an adapter)."""
-    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return None  # nn.MultiheadAttention reads its out_proj's weight directly
-    for base_type, kind in ADAPTER_KINDS.items():
-        if isinstance(module, (base_type, kind.adapter)):
+    for kind in ADAPTER_KINDS:  # (DoRALinear.adapts refuses nn.MultiheadAttention's out_proj)
+        if isinstance(module, kind.adapter) or kind.adapter.adapts(module):
             return kind
     return None
 
@@ -151,7 +153,7 @@ def _name_matches(name, target):
 
 def adapter_layers(model):
     """[(dotted name, adapter layer)] for every adapter layer in the model, each once."""
-    classes = tuple(kind.adapter for kind in ADAPTER_KINDS.values())
+    classes = tuple(kind.adapter for kind in ADAPTER_KINDS)
     return [(n, m) for n, m in model.named_modules() if isinstance(m, classes)]
 
 
@@ -218,8 +220,9 @@ def build_adapters(model, config):
             raise ValueError(f"target_modules: {unmatched} match no layer of the model; the "
                              f"layers that can be adapted are {listed}")
     if not chosen:
-        raise ValueError("model: has no nn.Linear layer to adapt")
-    return [(names[module], kind_of(module).from_base(module, *config.settings_for(
+        raise ValueError("model: has no nn.Linear layer to adapt" if config.target_modules in
+                         (None, ALL_LINEAR) else "model: has no layer to adapt")
+    return [(names[module], kind_of(module).adapter.from_base(module, *config.settings_for(
         names[module][0]), config.lora_dropout, config.use_dora, config.detach_norm))
             for module in chosen]
 
@@ -245,7 +248,7 @@ def merge_adapters(model):
     """Replace every adapter layer (under all of its names) by the plain module holding the
     merged weight W'; frozen weights stay frozen (PEFT's merge_and_unload)."""
     names = _names_by_module(model)
-    merged = [(names[layer], kind_of(layer).to_base(layer)) for _, layer in adapter_layers(model)]
+    merged = [(names[layer], layer.to_base()) for _, layer in adapter_layers(model)]
     for layer_names, module in merged:  # all checked before any swap
         _replace(model, layer_names, module)
     return model

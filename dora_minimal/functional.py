@@ -195,7 +195,8 @@ class DoRAFunction(torch.autograd.Function):
         xA = xa2 @ lora_A.T  # (T, r)
         y0 = low_rank_then_base(x2, xA, weight, lora_B, scaling)  # (T, out)
         y = scale_outputs(y0, c, bias)  # y = c ⊙ y0 + b
-        return y.reshape(*x.shape[:-1], out_features), c, norm, xA, y0
+        y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)  # (no view of y)
+        return y, c, norm, xA, y0
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -465,5 +466,5 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, lora_input=None)
     if torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: out of place
         return torch.addmm(y, xa2 @ lora_A.T, lora_B.T, alpha=scaling).reshape(*lead, -1)
     y.addmm_(xa2 @ lora_A.T, lora_B.T, alpha=scaling)
-    return y.reshape(*lead, weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*lead, weight.shape[0])
 

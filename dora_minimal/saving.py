@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import (LoraConfig, adapter_layers, build_adapters, install_adapters, kind_of)
+from .adapters import LoraConfig, adapter_layers, build_adapters, install_adapters
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -32,19 +32,21 @@ UNSUPPORTED_FIELDS = {"use_rslora": False,
                       "arrow_config": None, "kasa_config": None}
 
 
-def _own_key(name, kind, key):
-    return f"{name}.{key}"
+def _own_tensors(name, layer):
+    """{"<layer>.lora_A" | ".lora_B" | ".magnitude": the parameter} (a LoRA layer has no
+    magnitude)."""
+    return {f"{name}.{key}": getattr(layer, key) for key in ("lora_A", "lora_B", "magnitude")
+            if getattr(layer, key) is not None}
 
 
-def _peft_key(name, kind, key):
-    return f"{PEFT_PREFIX}{name}.{kind.peft_keys[key]}"
+def _peft_tensors(name, layer):
+    """The same tensors under PEFT's keys and in PEFT's shapes (views of the parameters)."""
+    return {f"{PEFT_PREFIX}{name}.{suffix}": t for suffix, t in layer.peft_tensors().items()}
 
 
-def _adapter_tensors(layers, key_of):
-    """{key_of(layer name, its AdapterKind, tensor name): the tensor itself} for every adapter
-    tensor of the (name, layer) pairs given (a LoRA layer has no magnitude)."""
-    return {key_of(name, kind_of(layer), key): getattr(layer, key) for name, layer in layers
-            for key in kind_of(layer).peft_keys if getattr(layer, key) is not None}
+def _adapter_tensors(layers, tensors_of):
+    """{key: tensor} of every adapter tensor of the (name, layer) pairs given."""
+    return {key: t for name, layer in layers for key, t in tensors_of(name, layer).items()}
 
 
 def _checked_values(state, targets, what):
@@ -82,13 +84,13 @@ def _checked_values(state, targets, what):
     return values
 
 
-def _load(layers, state, key_of, what):
+def _load(layers, state, tensors_of, what):
     """Copy state into the adapter tensors of `layers`, or raise and change nothing."""
-    values = _checked_values(state, _adapter_tensors(layers, key_of), what)
+    values = _checked_values(state, _adapter_tensors(layers, tensors_of), what)
     merged = [name for name, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"{what}: layers {merged} are merged; unmerge() them first")
-    targets = _adapter_tensors(layers, key_of)
+    targets = _adapter_tensors(layers, tensors_of)
     with torch.no_grad():
         for key, value in values.items():
             targets[key].copy_(value)
@@ -97,13 +99,13 @@ def _load(layers, state, key_of, what):
 def adapter_state_dict(model):
     """{"<layer>.lora_A": ..., "<layer>.lora_B": ..., "<layer>.magnitude": ...}, detached copies."""
     return {key: t.detach().clone() for key, t in
-            _adapter_tensors(adapter_layers(model), _own_key).items()}
+            _adapter_tensors(adapter_layers(model), _own_tensors).items()}
 
 
 def load_adapter_state_dict(model, state):
     """Load what adapter_state_dict saved. Names and shapes must match exactly; on a mismatch
     ValueError says which, and the model is unchanged."""
-    _load(adapter_layers(model), state, _own_key, "load_adapter_state_dict")
+    _load(adapter_layers(model), state, _own_tensors, "load_adapter_state_dict")
     return model
 
 
@@ -111,13 +113,13 @@ def to_peft_state_dict(model):
     """The adapter under PEFT's saved-adapter keys (as get_peft_model_state_dict returns them):
     base_model.model.<path>.lora_A.weight, .lora_B.weight and .lora_magnitude_vector."""
     return {key: t.detach().clone() for key, t in
-            _adapter_tensors(adapter_layers(model), _peft_key).items()}
+            _adapter_tensors(adapter_layers(model), _peft_tensors).items()}
 
 
 def from_peft_state_dict(model, state):
     """Load an adapter saved by PEFT (or by to_peft_state_dict) into a model with the same
     adapter layers. Keys and shapes must match; on a mismatch the model is unchanged."""
-    _load(adapter_layers(model), state, _peft_key, "from_peft_state_dict")
+    _load(adapter_layers(model), state, _peft_tensors, "from_peft_state_dict")
     return model
 
 
@@ -172,7 +174,7 @@ def save_pretrained(model, directory, safe_serialization=None):
               "lora_alpha": _number(first["lora_alpha"]), "lora_dropout": first["lora_dropout"],
               "target_modules": sorted(name for name, _ in layers),
               "use_dora": first["use_dora"], "bias": "none", "use_rslora": False,
-              "fan_in_fan_out": any(kind_of(layer).fan_in_fan_out for _, layer in layers),
+              "fan_in_fan_out": any(layer.FAN_IN_FAN_OUT for _, layer in layers),
               **patterns, "modules_to_save": None,
               "init_lora_weights": True, "inference_mode": True}
     state = {k: v.contiguous() for k, v in to_peft_state_dict(model).items()}
@@ -248,7 +250,7 @@ def from_pretrained(model, directory, detach_norm=True):
     layers = adapter_layers(model)
     if not layers:
         adapters = build_adapters(model, config)
-        _load([(names[0], adapter) for names, adapter in adapters], state, _peft_key,
+        _load([(names[0], adapter) for names, adapter in adapters], state, _peft_tensors,
               "from_pretrained")
         return install_adapters(model, adapters)
     for name, layer in layers:
@@ -261,5 +263,5 @@ def from_pretrained(model, directory, detach_norm=True):
         if not config.matches(name):
             raise ValueError(f"from_pretrained: layer {name} is not among the saved "
                              f"target_modules {config.target_modules!r}")
-    _load(layers, state, _peft_key, "from_pretrained")
+    _load(layers, state, _peft_tensors, "from_pretrained")
     return model

@@ -1,0 +1,330 @@
+"""AdaptedLayer: what every layer with a LoRA or DoRA adapter shares, whatever its base op.
+
+Each kind (DoRALinear, DoRAConv1d/2d/3d, DoRAEmbedding, DoRAConv1D) adds only its base op and the
+(out, in') view of its weights; DoRA itself is the same on every view:
+
+    V' = W0 + s·B A          (out, in')      W' = (m / ‖V'‖_c) ⊙ V'      Eq. 5
+
+Shared here: the parameters (`weight`, `bias` frozen; `lora_A`, `lora_B`, `magnitude` trained),
+argument checks, reset, merge/unmerge, to_base() (the plain torch module holding W'), the merged
+state saved as extra state, the magnitude kept in float32 by .to(), the warnings, the forward of
+the new kinds (the base op under autograd, then dora_scale) and the mapping to PEFT's saved keys.
+"""
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from .checks import check_bool, check_dropout, check_positive, check_rank
+from .functional import _divide_or_zero, accumulation_dtype, adapted_row_norm
+from .scale import dora_scale
+
+
+class AdaptedLayer(nn.Module):
+    """The base of every adapted layer. A subclass sets its dimensions, calls
+    _create_parameters(...), and defines:
+
+        BASE_TYPES          the plain torch classes it adapts (or a predicate on a module)
+        _weight_view(W)     the (out, in') view of a weight in the layer's layout, and
+        _from_view(V)       its inverse, (out, in') -> the layer's layout
+        _lora_views()       the (r, in') and (out, r) views of lora_A and lora_B
+        _base_op(x, W, b)   the layer's own op with weight W and bias b (or None)
+        _lora_op(x)         B(A(x)), without the scaling
+        _plain_module()     an empty plain torch module of the base's kind and settings
+        _init_base()        the base's own weight init
+    """
+    BASE_TYPES = ()
+    TRAILING_DIMS = 0  # dims of the output after its channel dim (a convolution's spatial dims)
+    FAN_IN_FAN_OUT = False  # PEFT's config flag for a weight stored (in, out)
+    PEFT_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
+                 "magnitude": "lora_magnitude_vector"}
+
+    def __init__(self, r, lora_alpha, lora_dropout, use_dora, detach_norm, bias, dtype):
+        super().__init__()
+        self.r = check_rank(r)
+        self.lora_alpha = check_positive("lora_alpha", lora_alpha)
+        self.lora_dropout = check_dropout(lora_dropout)
+        self.use_dora = check_bool("use_dora", use_dora)
+        self.detach_norm = check_bool("detach_norm", detach_norm)
+        check_bool("bias", bias)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        self.scaling = self.lora_alpha / self.r
+
+    def _create_parameters(self, weight_shape, lora_A_shape, lora_B_shape, out, bias, device,
+                           dtype):
+        """Register weight, bias (frozen), lora_A, lora_B and the magnitude (out,), then reset."""
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(weight_shape, **factory), requires_grad=False)
+        # register_parameter(name, None) keeps an absent bias or magnitude a known name, as in
+        # nn.Linear
+        self.register_parameter("bias", nn.Parameter(torch.empty(out, **factory),
+                                                     requires_grad=False) if bias else None)
+        self.lora_A = nn.Parameter(torch.empty(lora_A_shape, **factory))
+        self.lora_B = nn.Parameter(torch.empty(lora_B_shape, **factory))
+        # m is kept in float32 (float64 for a float64 layer): in bf16 a step of 1e-3 would vanish
+        acc = accumulation_dtype(dtype or torch.get_default_dtype())
+        self.register_parameter("magnitude", nn.Parameter(torch.empty(
+            out, device=device, dtype=acc)) if self.use_dora else None)
+        self.dropout = nn.Dropout(self.lora_dropout) if self.lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self._merged_norm = None  # ‖V'‖_c at merge time, what unmerge() needs
+        self._warned_merged_training = False
+        self.reset_parameters()
+
+    # --- which modules, and the conversions both ways -----------------------------------------
+
+    @classmethod
+    def adapts(cls, module):
+        """Whether `module` is a plain layer this class adapts."""
+        if callable(cls.BASE_TYPES) and not isinstance(cls.BASE_TYPES, tuple):
+            return bool(cls.BASE_TYPES(module))
+        return type(module) in cls.BASE_TYPES  # not subclasses: they may change the op
+
+    @classmethod
+    def from_base(cls, module, r, lora_alpha, lora_dropout=0.0, use_dora=True, detach_norm=True):
+        """Wrap a pretrained plain layer: copies its weight and bias (same device and dtype)."""
+        if not cls.adapts(module):
+            raise TypeError(f"module: {cls.__name__} adapts {cls._base_names()}, "
+                            f"got {type(module).__name__}")
+        return cls._wrap(module, r, lora_alpha, lora_dropout, use_dora, detach_norm)
+
+    @classmethod
+    def _wrap(cls, module, r, lora_alpha, lora_dropout, use_dora, detach_norm):
+        layer = cls._like(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          use_dora=use_dora, detach_norm=detach_norm,
+                          device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                layer.bias.copy_(module.bias)
+        layer.reset_adapter()
+        return layer
+
+    @classmethod
+    def _base_names(cls):
+        if isinstance(cls.BASE_TYPES, tuple):
+            return " or ".join(f"torch.nn.{t.__name__}" for t in cls.BASE_TYPES)
+        return cls.BASE_TYPES.__doc__.strip().splitlines()[0]
+
+    def to_base(self):
+        """A plain torch module of the base's kind holding the merged weight W' and the bias;
+        this layer is unchanged."""
+        W = self.weight.detach().double() if self.merged else self._from_view(self._merge_math()[0])
+        _check_finite(self._to_plain_name, self._weight_view(W), self.weight.dtype)
+        module = self._plain_module()
+        with torch.no_grad():
+            module.weight.copy_(W)
+            if self.bias is not None:
+                module.bias.copy_(self.bias)
+        module.weight.requires_grad_(self.weight.requires_grad)  # frozen stays frozen
+        if self.bias is not None:
+            module.bias.requires_grad_(self.bias.requires_grad)
+        return module
+
+    def peft_tensors(self):
+        """{PEFT's key suffix: tensor in PEFT's shape}, as PEFT 0.21.2 saves this layer's adapter
+        (the keys follow `base_model.model.<path>.`); detached views of the parameters."""
+        tensors = {self.PEFT_KEYS[name]: getattr(self, name).detach()
+                   for name in ("lora_A", "lora_B", "magnitude") if getattr(self, name) is not None}
+        if self.magnitude is not None:  # a convolution's (1, out, 1, ...)
+            key = self.PEFT_KEYS["magnitude"]
+            tensors[key] = self._peft_magnitude_shape(tensors[key])
+        return tensors
+
+    def _peft_magnitude_shape(self, magnitude):
+        return magnitude
+
+    def load_peft_tensors(self, tensors):
+        """Load what peft_tensors() gives (PEFT's key suffixes and shapes). Keys and shapes must
+        match exactly; on a mismatch ValueError says which and the layer is unchanged."""
+        targets = self.peft_tensors()
+        if not isinstance(tensors, dict):
+            raise TypeError(f"tensors: expected a dict of tensors, got {type(tensors).__name__}")
+        if set(tensors) != set(targets):
+            raise ValueError(f"tensors: expected the keys {sorted(targets)}, "
+                             f"got {sorted(tensors)}")
+        for key, target in targets.items():
+            value = tensors[key]
+            if not (isinstance(value, torch.Tensor) and value.dtype.is_floating_point):
+                raise TypeError(f"tensors: {key} expected a floating tensor, got {value!r:.60}")
+            if value.shape != target.shape:
+                raise ValueError(f"tensors: {key} expected shape {tuple(target.shape)}, "
+                                 f"got {tuple(value.shape)}")
+        if self.merged:
+            raise ValueError("load_peft_tensors(): the layer is merged; call unmerge() first")
+        with torch.no_grad():
+            for key, target in targets.items():
+                target.copy_(tensors[key])  # a view: writes into the parameter
+        return self
+
+    # --- init ---------------------------------------------------------------------------------
+
+    def reset_parameters(self):
+        """Weight and bias as the base layer initializes them, then reset_adapter()."""
+        with torch.no_grad():
+            self._init_base()
+        self.reset_adapter()
+
+    def reset_adapter(self):
+        """A Kaiming-uniform (a = sqrt(5)), B = 0, m = ‖W0‖_c: the layer equals the base layer."""
+        if self.merged:
+            raise ValueError("reset_adapter(): the layer is merged; call unmerge() first")
+        with torch.no_grad():
+            self._init_adapter()
+        self.reset_magnitude()
+
+    def _init_adapter(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def reset_magnitude(self):
+        """m = ‖W0‖_c from the current weight (DoRA; LoRA has no magnitude): call it after loading
+        pretrained weights into a layer that already has its adapter."""
+        if self.merged:
+            raise ValueError("reset_magnitude(): the layer is merged; call unmerge() first")
+        if self.magnitude is not None:
+            with torch.no_grad():  # ‖W0 + s·B A‖_c as forward computes it, with B = 0
+                A, B = self._lora_views()
+                norm = adapted_row_norm(self._weight_view(self.weight), A, torch.zeros_like(B),
+                                        self.scaling)
+                self.magnitude.copy_(norm)
+
+    # --- no cache: every value derived from the parameters is computed when it is used --------
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .cuda(), .half(), to_empty(), ...: as nn.Module, except that the magnitude keeps
+        its float32 (float64) dtype: it follows the layer's device, never its rounding."""
+        magnitude = self._parameters.pop("magnitude")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["magnitude"] = magnitude
+        if magnitude is not None:
+            acc = accumulation_dtype(self.weight.dtype)
+            moved = fn(magnitude.detach())  # what nn.Module would hold: device, maybe dtype
+            if moved.dtype != acc:  # converted from the original, not from a rounded copy
+                moved = (moved.to(acc) if magnitude.is_meta or moved.is_meta
+                         else magnitude.detach().to(device=moved.device, dtype=acc))
+            grad = magnitude.grad
+            if torch._has_compatible_shallow_copy_type(magnitude, moved):  # as nn.Module does
+                magnitude.data = moved
+            else:  # e.g. to or from the meta device: a new Parameter
+                magnitude = self._parameters["magnitude"] = nn.Parameter(
+                    moved, magnitude.requires_grad)
+            if grad is not None:
+                magnitude.grad = grad.to(device=moved.device, dtype=acc)
+        if self._merged_norm is not None:  # stays float64, follows the weight's device
+            self._merged_norm = self._merged_norm.to(self.weight.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if (self.magnitude is not None and prefix + "weight" in state_dict
+                and prefix + "magnitude" not in state_dict):
+            warnings.warn(f"{type(self).__name__}: a new weight was loaded without a magnitude, "
+                          "so the magnitude still holds ‖W0‖_c of the weight before; after "
+                          "loading pretrained weights into an adapted model, call "
+                          "dora_minimal.reset_magnitude(model) (or layer.reset_magnitude())",
+                          stacklevel=3)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # --- forward (DoRALinear has its own, fused) ----------------------------------------------
+
+    def _warn_if_training_merged(self):
+        if self.training and torch.is_grad_enabled() and not self._warned_merged_training \
+                and any(p is not None and p.requires_grad for p in self._adapter()):
+            self._warned_merged_training = True
+            warnings.warn(f"{type(self).__name__}: the layer is merged, so its adapter "
+                          "(lora_A, lora_B, magnitude) is not used and gets no gradient; "
+                          "call unmerge() before training it", stacklevel=5)
+
+    def _adapter(self):
+        return self.lora_A, self.lora_B, self.magnitude
+
+    def _adapter_input(self, x):
+        return self.dropout(x) if self.training and self.lora_dropout > 0 else x
+
+    def forward(self, x):
+        """y = c ⊙ (base(x; W0) + s·B(A(drop(x)))) + b with c = m / ‖V'‖_c (DoRA), or the
+        LoRA output base(x; W0) + s·B(A(drop(x))) + b. Merged: base(x; W') + b."""
+        if self.merged:
+            self._warn_if_training_merged()
+            return self._base_op(x, self.weight, self.bias)
+        lora = self._lora_op(self._adapter_input(x))  # B(A(drop(x)))
+        if not self.use_dora:  # LoRA: y = base(x; W0) + b + s·B(A(drop(x)))
+            return torch.add(self._base_op(x, self.weight, self.bias), lora, alpha=self.scaling)
+        y0 = torch.add(self._base_op(x, self.weight, None), lora, alpha=self.scaling)
+        A, B = self._lora_views()
+        return dora_scale(y0, self._weight_view(self.weight), A, B, self.magnitude, self.scaling,
+                          self.bias, self.detach_norm, self.TRAILING_DIMS)
+
+    # --- merge --------------------------------------------------------------------------------
+
+    def _merge_math(self):
+        """W' (out, in') in float64 and ‖V'‖_c (DoRA) or None (LoRA): merge() checks them
+        before writing."""
+        W0 = self._weight_view(self.weight.detach().double())
+        A, B = (t.detach().double() for t in self._lora_views())
+        V = torch.addmm(W0, B, A, alpha=self.scaling)  # (out, in'): V' = W0 + s·B A
+        if not self.use_dora:
+            return V, None
+        norm = torch.linalg.vector_norm(V, dim=1)  # (out,)
+        m = self.magnitude.detach().double()
+        return _divide_or_zero(m, norm)[:, None] * V, norm  # Eq. 5: W' = m · V'/‖V'‖_c
+
+    def merge(self):
+        """Write W' into `weight` (the layer then runs as its plain base op); unmerge() undoes
+        it."""
+        if self.merged:
+            raise ValueError("merge(): the layer is already merged; call unmerge() first")
+        W, norm = self._merge_math()
+        if norm is not None:
+            erased = torch.nonzero((self.magnitude == 0) & (norm > 0)).flatten().tolist()
+            if erased:
+                raise ValueError(f"merge(): rows {erased} have magnitude 0, so unmerge() could "
+                                 f"not restore their W0; use {self._to_plain_name} for a merged "
+                                 f"copy")
+        self._write_weight("merge()", W, merged=True, merged_norm=norm)
+
+    _to_plain_name = "to_base()"
+
+    def unmerge(self):
+        """Restore W0 = W' · ‖V'‖_c / m - s·B A from the norm stored by merge()."""
+        if not self.merged:
+            raise ValueError("unmerge(): the layer is not merged")
+        W = self._weight_view(self.weight.detach().double())
+        A, B = (t.detach().double() for t in self._lora_views())
+        if self.use_dora:
+            ratio = _divide_or_zero(self._merged_norm.to(W.device), self.magnitude.detach()
+                                    .double())
+            W = W * ratio[:, None]  # V' = W' · ‖V'‖_c / m
+        W0 = torch.addmm(W, B, A, alpha=-self.scaling)  # W0 = V' - s·B A
+        self._write_weight("unmerge()", W0, merged=False)
+
+    def _write_weight(self, what, W, merged, merged_norm=None):
+        """Write W (out, in') into `weight` if it is finite in the layer's dtype, and record the
+        state."""
+        _check_finite(what, W, self.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(self._from_view(W))
+        self._merged_norm = merged_norm
+        self.merged = merged
+
+    def get_extra_state(self):
+        return {"merged": self.merged, "merged_norm": self._merged_norm}
+
+    def set_extra_state(self, state):
+        self.merged = bool(state["merged"])
+        norm = state["merged_norm"]
+        self._merged_norm = None if norm is None else norm.to(self.weight.device)
+
+
+def _check_finite(what, W, dtype):
+    """W (out, in') must stay finite once rounded to the layer's dtype; the error names the bad
+    rows."""
+    rows = torch.nonzero(~torch.isfinite(W.to(dtype)).all(dim=1)).flatten().tolist()
+    if rows:
+        raise ValueError(f"{what}: the result would contain NaN or inf in rows {rows[:20]}"
+                         f"{' ...' if len(rows) > 20 else ''}; the weights were left unchanged")
