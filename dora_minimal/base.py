@@ -28,8 +28,9 @@ class AdaptedLayer(nn.Module):
 
         BASE_TYPES          the plain torch classes it adapts (or a predicate on a module)
         _weight_view(W)     the (out, in') view of a weight in the layer's layout, and
-        _from_view(V)       its inverse, (out, in') -> the layer's layout
-        _lora_views()       the (r, in') and (out, r) views of lora_A and lora_B
+        _from_view(V)       its inverse (defaults: W itself, or W^T when the weight is stored
+                            (in', out): WEIGHT_STORED_TRANSPOSED)
+        _lora_views()       the (r, in') and (out, r) views of lora_A and lora_B (default: both)
         _base_op(x, W, b)   the layer's own op with weight W and bias b (or None)
         _lora_op(x)         B(A(x)), without the scaling
         _plain_module()     an empty plain torch module of the base's kind and settings
@@ -38,6 +39,7 @@ class AdaptedLayer(nn.Module):
     BASE_TYPES = ()
     TRAILING_DIMS = 0  # dims of the output after its channel dim (a convolution's spatial dims)
     FAN_IN_FAN_OUT = False  # PEFT's config flag for a weight stored (in, out)
+    WEIGHT_STORED_TRANSPOSED = False  # an embedding's table and GPT-2's Conv1D are (in', out)
     PEFT_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
                  "magnitude": "lora_magnitude_vector"}
 
@@ -159,6 +161,17 @@ class AdaptedLayer(nn.Module):
             for key, target in targets.items():
                 target.copy_(tensors[key])  # a view: writes into the parameter
         return self
+
+    # --- the (out, in') views ------------------------------------------------------------------
+
+    def _weight_view(self, W):
+        return W.T if self.WEIGHT_STORED_TRANSPOSED else W
+
+    def _from_view(self, V):
+        return V.T if self.WEIGHT_STORED_TRANSPOSED else V
+
+    def _lora_views(self):
+        return self.lora_A, self.lora_B
 
     # --- init ---------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ class DoRAEmbedding(AdaptedLayer):
         lora_dropout is accepted and not applied (see the module's docstring).
     """
     BASE_TYPES = (nn.Embedding,)
+    WEIGHT_STORED_TRANSPOSED = True  # the (out, in') view is W^T
     PEFT_KEYS = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B",
                  "magnitude": "lora_magnitude_vector"}
 
@@ -76,15 +77,6 @@ class DoRAEmbedding(AdaptedLayer):
         nn.init.zeros_(self.lora_A)
         nn.init.normal_(self.lora_B)
 
-    # the (out, in') = (embedding_dim, num_embeddings) view is W0^T; B A is already in it
-    def _weight_view(self, W):
-        return W.T
-
-    def _from_view(self, V):
-        return V.T
-
-    def _lora_views(self):
-        return self.lora_A, self.lora_B
 
     def _lookup(self, x, table, sparse=False):
         return F.embedding(x, table, self.padding_idx, self.max_norm, self.norm_type,

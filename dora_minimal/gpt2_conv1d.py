@@ -38,6 +38,7 @@ class DoRAConv1D(AdaptedLayer):
         base_class: the Conv1D class that to_base() returns (from_base sets it).
     """
     BASE_TYPES = staticmethod(is_transformers_conv1d)
+    WEIGHT_STORED_TRANSPOSED = True  # the (out, in') view is W^T
     FAN_IN_FAN_OUT = True  # PEFT saves "fan_in_fan_out": true for it
 
     def __init__(self, in_features, out_features, r, lora_alpha, lora_dropout=0.0,
@@ -66,15 +67,6 @@ class DoRAConv1D(AdaptedLayer):
         nn.init.normal_(self.weight, std=0.02)
         nn.init.zeros_(self.bias)
 
-    # the (out, in) view is W^T
-    def _weight_view(self, W):
-        return W.T
-
-    def _from_view(self, V):
-        return V.T
-
-    def _lora_views(self):
-        return self.lora_A, self.lora_B
 
     def _base_op(self, x, W, b):
         return F.linear(x, W.T, b)  # x W + b

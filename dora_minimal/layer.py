@@ -74,15 +74,6 @@ class DoRALinear(AdaptedLayer):
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    # the (out, in) view is the weight itself
-    def _weight_view(self, W):
-        return W
-
-    def _from_view(self, V):
-        return V
-
-    def _lora_views(self):
-        return self.lora_A, self.lora_B
 
     def _base_op(self, x, W, b):
         return F.linear(x, W, b)
