@@ -68,6 +68,9 @@ class LoraConfig:
     rank_pattern / alpha_pattern: {regex: r or lora_alpha} for some layers, PEFT's rule: the
     first key K that matches the end of a layer's name (re.match(rf"(.*\\.)?({K})$", name)).
     bias and task_type are accepted so that PEFT's snippets run; the bias always stays frozen.
+    inference_mode=True freezes the adapters too, as in PEFT; init_lora_weights must be True
+    (PEFT's default init); fan_in_fan_out is accepted, but the layout follows each layer's type
+    (transformers' Conv1D stores (in, out)), which is what PEFT ends up with too.
     """
     r: int = 8
     lora_alpha: float = 8
@@ -79,6 +82,9 @@ class LoraConfig:
     alpha_pattern: dict = field(default_factory=dict)
     bias: str = "none"
     task_type: Optional[str] = None
+    inference_mode: bool = False
+    init_lora_weights: bool = True
+    fan_in_fan_out: bool = False
 
     def __post_init__(self):
         check_rank(self.r)
@@ -86,6 +92,11 @@ class LoraConfig:
         check_dropout(self.lora_dropout)
         check_bool("use_dora", self.use_dora)
         check_bool("detach_norm", self.detach_norm)
+        check_bool("inference_mode", self.inference_mode)
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        if self.init_lora_weights is not True:
+            raise ValueError(f"init_lora_weights: only True (PEFT's default init: A Kaiming-"
+                             f"uniform, B = 0) is supported, got {self.init_lora_weights!r}")
         if self.bias != "none":
             raise ValueError(f"bias: only 'none' is supported (the bias stays frozen), "
                              f"got {self.bias!r}")
@@ -241,7 +252,11 @@ def inject_adapters(model, config):
     and return the model (PEFT's get_peft_model). A module registered under several names is
     targeted when any of them matches, adapted once, and every name sees the adapter. On any
     error the model is unchanged."""
-    return install_adapters(model, build_adapters(model, config))
+    install_adapters(model, build_adapters(model, config))
+    if config.inference_mode:  # PEFT's inference_mode: nothing trains
+        for _, layer in adapter_layers(model):
+            layer.requires_grad_(False)
+    return model
 
 
 def merge_adapters(model):

@@ -46,14 +46,41 @@ class AdaptedLayer(nn.Module):
     def __init__(self, r, lora_alpha, lora_dropout, use_dora, detach_norm, bias, dtype):
         super().__init__()
         self.r = check_rank(r)
-        self.lora_alpha = check_positive("lora_alpha", lora_alpha)
-        self.lora_dropout = check_dropout(lora_dropout)
+        self.lora_alpha = lora_alpha
+        self._lora_dropout = check_dropout(lora_dropout)
         self.use_dora = check_bool("use_dora", use_dora)
         self.detach_norm = check_bool("detach_norm", detach_norm)
         check_bool("bias", bias)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
-        self.scaling = self.lora_alpha / self.r
+
+    # --- lora_alpha, scaling and lora_dropout: one source each, checked when set ---------------
+
+    @property
+    def lora_alpha(self):
+        return self._lora_alpha
+
+    @lora_alpha.setter
+    def lora_alpha(self, value):
+        self._lora_alpha = check_positive("lora_alpha", value)
+
+    @property
+    def scaling(self):
+        """s = lora_alpha / r; setting it sets lora_alpha = s·r, which is what is saved."""
+        return self._lora_alpha / self.r
+
+    @scaling.setter
+    def scaling(self, value):
+        self._lora_alpha = check_positive("scaling", value) * self.r
+
+    @property
+    def lora_dropout(self):
+        return self._lora_dropout
+
+    @lora_dropout.setter
+    def lora_dropout(self, p):
+        self._lora_dropout = check_dropout(p)
+        self.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
 
     def _create_parameters(self, weight_shape, lora_A_shape, lora_B_shape, out, bias, device,
                            dtype):
@@ -70,8 +97,9 @@ class AdaptedLayer(nn.Module):
         acc = accumulation_dtype(dtype or torch.get_default_dtype())
         self.register_parameter("magnitude", nn.Parameter(torch.empty(
             out, device=device, dtype=acc)) if self.use_dora else None)
-        self.dropout = nn.Dropout(self.lora_dropout) if self.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = self._lora_dropout  # (makes the dropout module)
         self.merged = False
+        self._merged_adapter = None  # (A, B, m, s) at merge time: unmerge() needs them unchanged
         self._merged_norm = None  # ‖V'‖_c at merge time, what unmerge() needs
         self._warned_merged_training = False
         self.reset_parameters()
@@ -103,7 +131,7 @@ class AdaptedLayer(nn.Module):
             if getattr(module, "bias", None) is not None:
                 layer.bias.copy_(module.bias)
         layer.reset_adapter()
-        return layer
+        return layer.train(module.training)  # in the mode of the module it replaces
 
     @classmethod
     def _base_names(cls):
@@ -241,7 +269,11 @@ class AdaptedLayer(nn.Module):
                           "loading pretrained weights into an adapted model, call "
                           "dora_minimal.reset_magnitude(model) (or layer.reset_magnitude())",
                           stacklevel=3)
-        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        local_metadata, strict, missing_keys, *rest = args
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      *rest, **kwargs)
+        if prefix + "_extra_state" in missing_keys:  # a state dict without it: not merged
+            missing_keys.remove(prefix + "_extra_state")
 
     # --- forward (DoRALinear has its own, fused) ----------------------------------------------
 
@@ -300,6 +332,10 @@ class AdaptedLayer(nn.Module):
                                  f"not restore their W0; use {self._to_plain_name} for a merged "
                                  f"copy")
         self._write_weight("merge()", W, merged=True, merged_norm=norm)
+        self._merged_adapter = self._adapter_snapshot()
+
+    def _adapter_snapshot(self):
+        return [p.detach().clone() for p in self._adapter() if p is not None] + [self.scaling]
 
     _to_plain_name = "to_base()"
 
@@ -307,6 +343,14 @@ class AdaptedLayer(nn.Module):
         """Restore W0 = W' · ‖V'‖_c / m - s·B A from the norm stored by merge()."""
         if not self.merged:
             raise ValueError("unmerge(): the layer is not merged")
+        snapshot = self._merged_adapter
+        if snapshot is not None and not all(
+                torch.equal(a.to(device=b.device, dtype=b.dtype), b)
+                if isinstance(a, torch.Tensor) else a == b
+                for a, b in zip(snapshot, self._adapter_snapshot())):
+            raise ValueError("unmerge(): lora_A, lora_B, magnitude or scaling changed since "
+                             "merge(), so W0 cannot be recovered from the merged weight; put "
+                             "them back as they were at merge() first")
         W = self._weight_view(self.weight.detach().double())
         A, B = (t.detach().double() for t in self._lora_views())
         if self.use_dora:
@@ -315,6 +359,7 @@ class AdaptedLayer(nn.Module):
             W = W * ratio[:, None]  # V' = W' · ‖V'‖_c / m
         W0 = torch.addmm(W, B, A, alpha=-self.scaling)  # W0 = V' - s·B A
         self._write_weight("unmerge()", W0, merged=False)
+        self._merged_adapter = None
 
     def _write_weight(self, what, W, merged, merged_norm=None):
         """Write W (out, in') into `weight` if it is finite in the layer's dtype, and record the
@@ -329,6 +374,7 @@ class AdaptedLayer(nn.Module):
         return {"merged": self.merged, "merged_norm": self._merged_norm}
 
     def set_extra_state(self, state):
+        self._merged_adapter = None  # (what a merged state was merged with is not saved)
         self.merged = bool(state["merged"])
         norm = state["merged_norm"]
         self._merged_norm = None if norm is None else norm.to(self.weight.device)

@@ -52,12 +52,15 @@ def _divide_or_zero(numerator, denominator):
     return torch.where(denominator != 0, numerator / denominator, 0.0)
 
 
-def plain_eager():
+def plain_eager(tensor=None):
     """True for an ordinary eager call: no torch.compile or export tracing, no torch.func
-    transform, no graph being recorded. Only then may the Function write into buffers (out=,
-    in place), which those tools cannot trace, batch or differentiate."""
+    transform (nor a batched `tensor`, as autograd.grad(is_grads_batched=True) passes), no graph
+    being recorded. Only then may the Function write into buffers (out=, in place), which those
+    tools cannot trace, batch or differentiate."""
     return not (torch.compiler.is_compiling() or torch.is_grad_enabled()
-                or torch._C._functorch.peek_interpreter_stack() is not None)
+                or torch._C._functorch.peek_interpreter_stack() is not None
+                or (tensor is not None and (torch._C._functorch.is_batchedtensor(tensor)
+                                            or torch._C._functorch.is_legacy_batchedtensor(tensor))))
 
 
 def scale_outputs(y0, c, bias=None):
@@ -158,10 +161,10 @@ def forms_merged_weight(x, x_adapter, weight):
     third as many as the factored path; its backward's extra product G^T x (out, in) is then
     cheap. Only for float32/float64 (in bf16 the scale c stays float32 on the output), without
     dropout (x_a = x), and in plain eager calls (torch.compile sees one path for all shapes)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False  # decided before looking at the number of tokens, which may be symbolic
     return (x_adapter is None and weight.dtype == accumulation_dtype(weight.dtype)
-            and x.numel() * weight.shape[0] <= SMALL_STEP
-            and not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is None)
+            and x.numel() * weight.shape[0] <= SMALL_STEP)
 
 
 class DoRAFunction(torch.autograd.Function):
@@ -214,16 +217,18 @@ class DoRAFunction(torch.autograd.Function):
         x2 = x if x.dim() == 2 else x.reshape(-1, in_features)  # (T, in)
         xa2 = None if x_adapter is None else x_adapter.reshape(-1, in_features)
         G = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, out_features)  # (T, out)
-        if plain_eager() and ctx.small:
+        eager = plain_eager(grad_y)
+        if eager and ctx.small:
             V, W = xA, y0  # what a small step saved
             grads = _backward_small(G, x2, weight, lora_A, lora_B, magnitude, c, norm, V, W, s,
                                     detach_norm, needs)
-        elif plain_eager():
+        elif eager:
             grads = _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm,
                                         xA, y0, s, detach_norm, needs)
         else:
-            if not torch.compiler.is_compiling():  # create_graph=True or torch.func: recompute
-                # the saved values from the inputs, so that second derivatives see them change
+            if ctx.small or not torch.compiler.is_compiling():  # create_graph=True, torch.func,
+                # compiled autograd: recompute the saved values of the factored route from the
+                # inputs (so that second derivatives see them change)
                 norm = adapted_row_norm(weight, lora_A, lora_B, s)
                 norm = norm.detach() if detach_norm else norm
                 c = _divide_or_zero(magnitude.to(norm.dtype), norm)
@@ -400,15 +405,19 @@ def check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scali
             raise TypeError(f"{name}: expected dtype {weight.dtype} (weight's), got {t.dtype}")
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight: expected a frozen weight (requires_grad=False); DoRA trains "
-                         "lora_A, lora_B and magnitude, and computes no gradient for weight")
+                         "lora_A, lora_B and magnitude, and computes no gradient for weight "
+                         "(with torch.func, differentiate only those three and pass the frozen "
+                         "weight and bias to functional_call separately)")
     if torch.compiler.is_compiling():  # a symbolic float there; eager calls check it
         return scaling
     return check_positive("scaling", scaling)
 
 
 def autocast_dtype(x):
-    """The dtype torch.autocast computes linear layers in on x's device, or None when it is off."""
-    if (isinstance(x, torch.Tensor) and torch.amp.is_autocast_available(x.device.type)
+    """The dtype torch.autocast computes linear layers in on x's device, or None when it is off
+    (or x is float64, which autocast leaves alone, as it does for nn.Linear)."""
+    if (isinstance(x, torch.Tensor) and x.dtype != torch.float64
+            and torch.amp.is_autocast_available(x.device.type)
             and torch.is_autocast_enabled(x.device.type)):
         return torch.get_autocast_dtype(x.device.type)
     return None

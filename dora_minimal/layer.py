@@ -62,9 +62,10 @@ class DoRALinear(AdaptedLayer):
 
     @classmethod
     def adapts(cls, module):
-        """nn.Linear and its subclasses (as before), but not nn.MultiheadAttention's out_proj,
-        whose weight the attention reads directly."""
-        return (isinstance(module, nn.Linear)
+        """nn.Linear and its subclasses that keep nn.Linear's forward, but not
+        nn.MultiheadAttention's out_proj, whose weight the attention reads directly (a subclass
+        with a forward of its own computes something DoRALinear would not)."""
+        return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
                 and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear))
 
     def _init_base(self):

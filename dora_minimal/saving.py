@@ -32,6 +32,17 @@ UNSUPPORTED_FIELDS = {"use_rslora": False,
                       "arrow_config": None, "kasa_config": None}
 
 
+def _target_modules(model, names):
+    """The adapted layers' full names as PEFT's target_modules: a list (each matches a name or
+    its end), or, where the list would also match a layer that is not adapted ("0" matches
+    "1.0"), a regular expression for exactly these names."""
+    names = sorted(names)
+    every = [n for n, _ in model.named_modules() if n]
+    if all(n in names for n in every if any(n == t or n.endswith("." + t) for t in names)):
+        return names
+    return "(" + "|".join(re.escape(n) for n in names) + ")"
+
+
 def _own_tensors(name, layer):
     """{"<layer>.lora_A" | ".lora_B" | ".magnitude": the parameter} (a LoRA layer has no
     magnitude)."""
@@ -74,12 +85,14 @@ def _checked_values(state, targets, what):
         if not value.dtype.is_floating_point:
             raise TypeError(f"{what}: {key} expected a floating dtype, got {value.dtype}")
         try:
-            value = value.detach().to(device=target.device, dtype=target.dtype)
+            moved = value.detach().to(device=target.device, dtype=target.dtype)
         except RuntimeError as error:
             raise ValueError(f"{what}: {key} cannot be moved from {value.device} to "
                              f"{target.device}: {error}") from None
-        if not torch.isfinite(value).all():
+        finite = moved if not moved.is_meta else value.detach().to(target.dtype)  # (a meta model)
+        if not torch.isfinite(finite).all():
             raise ValueError(f"{what}: {key} holds NaN or inf (in {target.dtype})")
+        value = moved
         values[key] = value
     return values
 
@@ -172,7 +185,7 @@ def save_pretrained(model, directory, safe_serialization=None):
                           "package (pip install safetensors); or pass safe_serialization=False")
     config = {"peft_type": "LORA", "task_type": None, "r": first["r"],
               "lora_alpha": _number(first["lora_alpha"]), "lora_dropout": first["lora_dropout"],
-              "target_modules": sorted(name for name, _ in layers),
+              "target_modules": _target_modules(model, [name for name, _ in layers]),
               "use_dora": first["use_dora"], "bias": "none", "use_rslora": False,
               "fan_in_fan_out": any(layer.FAN_IN_FAN_OUT for _, layer in layers),
               **patterns, "modules_to_save": None,

@@ -390,3 +390,138 @@ def test_fsdp2_gradients_equal_one_process_on_the_full_batch(tmp_path, mixed_pre
     for name, grad_single in single.items():
         tolerance = 2e-2 if mixed_precision else 1e-6
         assert rel_error(sharded[name].float().numpy(), grad_single.float().numpy()) < tolerance
+
+
+# --- what an adversarial review found ------------------------------------------------------------
+
+def test_adapters_take_the_mode_of_the_module_they_replace(tmp_path):
+    """A model loaded for inference (eval mode) stays in eval mode: no dropout at inference."""
+    trained = dm.get_peft_model(nn.Sequential(nn.Linear(8, 8)), dm.LoraConfig(
+        use_dora=True, lora_dropout=0.5))
+    with torch.no_grad():
+        trained[0].lora_B.normal_()
+    dm.save_pretrained(trained, tmp_path)
+    model = dm.from_pretrained(nn.Sequential(nn.Linear(8, 8)).eval(), tmp_path)
+    x = torch.randn(4, 8)
+    assert not model[0].training and torch.equal(model(x), model(x))
+
+
+def test_a_linear_subclass_with_its_own_forward_is_not_replaced():
+    class Half(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+    model = nn.Sequential(Half(8, 8), nn.Linear(8, 8))
+    dm.get_peft_model(model, dm.LoraConfig(use_dora=True))
+    assert type(model[0]) is Half and isinstance(model[1], DoRALinear)
+    with pytest.raises(ValueError, match="Half"):
+        dm.get_peft_model(nn.Sequential(Half(8, 8)), dm.LoraConfig(target_modules=["0"]))
+
+
+def test_scaling_lora_alpha_and_lora_dropout_stay_one_setting(tmp_path):
+    base = nn.Sequential(nn.Linear(8, 8))
+    model = dm.get_peft_model(nn.Sequential(nn.Linear(8, 8)), dm.LoraConfig(r=4, lora_alpha=8,
+                                                                             use_dora=True))
+    model[0].load_state_dict(base[0].state_dict(), strict=False)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    model[0].scaling = 5.0
+    assert model[0].lora_alpha == 20.0
+    model[0].lora_alpha = 12.0
+    assert model[0].scaling == 3.0
+    model[0].lora_dropout = 0.25
+    assert isinstance(model[0].dropout, nn.Dropout) and model[0].dropout.p == 0.25
+    with pytest.raises(ValueError, match="scaling"):
+        model[0].scaling = -1.0
+    model.eval()
+    dm.save_pretrained(model, tmp_path)
+    loaded = dm.from_pretrained(nn.Sequential(nn.Linear(8, 8)), tmp_path).eval()
+    loaded[0].load_state_dict(model[0].state_dict(), strict=False)
+    x = torch.randn(3, 8)
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
+def test_unmerge_refuses_when_the_adapter_changed_since_merge():
+    layer = trained_layer()
+    W0 = layer.weight.detach().clone()
+    layer.merge()
+    layer.scaling = 1.0
+    with pytest.raises(ValueError, match="changed since merge"):
+        layer.unmerge()
+    layer.scaling = 2.0  # as at merge()
+    layer.unmerge()
+    assert rel_error(layer.weight.detach().numpy(), W0.numpy()) < 1e-12
+
+
+def test_autocast_leaves_a_float64_layer_in_float64_as_it_does_nn_linear():
+    layer, x = trained_layer(), torch.randn(5, 6, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == nn.Linear(6, 5, dtype=torch.float64)(x).dtype == torch.float64
+
+
+def test_export_with_a_dynamic_token_dimension_and_compiled_autograd():
+    torch.export.export(DoRALinear(32, 16, 4, 8), (torch.randn(10, 32),),
+                        dynamic_shapes=({0: torch.export.Dim("tokens")},))
+    torch.manual_seed(0)
+    layer = DoRALinear(16, 12, 2, 4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(8, 16)
+    loss = layer(x).square().sum()  # a small step: forms W'
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+        loss.backward()
+    compiled = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    for a, p in zip(compiled, (layer.lora_A, layer.lora_B, layer.magnitude)):
+        assert rel_error(a.numpy(), p.grad.numpy()) < 1e-5
+
+
+@pytest.mark.usefixtures("dora_path")
+def test_batched_gradients_of_autograd_grad():
+    layer = trained_layer()
+    y = layer(torch.randn(7, 6, dtype=torch.float64))
+    vectors = torch.randn(3, *y.shape, dtype=torch.float64)
+    batched, = torch.autograd.grad(y, layer.lora_B, vectors, is_grads_batched=True,
+                                   retain_graph=True)
+    for v, got in zip(vectors, batched):
+        want, = torch.autograd.grad(y, layer.lora_B, v, retain_graph=True)
+        assert rel_error(got.numpy(), want.numpy()) < 1e-13
+
+
+def test_saved_names_reload_where_one_is_the_end_of_another(tmp_path):
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)))
+    adapted = dm.get_peft_model(model(), dm.LoraConfig(target_modules=["0"], use_dora=True))
+    assert [n for n, _ in dm.adapter_layers(adapted)] == ["0", "1.0"]
+    only_first = dm.get_peft_model(model(), dm.LoraConfig(target_modules="0", use_dora=True))
+    assert [n for n, _ in dm.adapter_layers(only_first)] == ["0"]
+    dm.save_pretrained(only_first, tmp_path)
+    loaded = dm.from_pretrained(model(), tmp_path)
+    assert [n for n, _ in dm.adapter_layers(loaded)] == ["0"]
+
+
+def test_meta_model_loads_an_adapter_and_a_state_dict_without_extra_state(tmp_path):
+    trained = dm.get_peft_model(nn.Sequential(nn.Linear(8, 8)), dm.LoraConfig(use_dora=True))
+    dm.save_pretrained(trained, tmp_path)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8))
+    dm.from_pretrained(model, tmp_path)  # shapes only: nothing to check on meta
+    assert model[0].lora_A.is_meta
+    state = {k: v for k, v in trained.state_dict().items() if not k.endswith("_extra_state")}
+    fresh = dm.get_peft_model(nn.Sequential(nn.Linear(8, 8)), dm.LoraConfig(use_dora=True))
+    fresh.load_state_dict(state)  # strict, yet no _extra_state: an unmerged layer
+    assert not fresh[0].merged and torch.equal(fresh[0].lora_A, trained[0].lora_A)
+
+
+def test_peft_quicktour_config_fields_are_accepted():
+    config = dm.LoraConfig(task_type="CAUSAL_LM", inference_mode=False, r=8, lora_alpha=32,
+                           lora_dropout=0.1, use_dora=True, fan_in_fan_out=False,
+                           init_lora_weights=True)
+    model = dm.get_peft_model(nn.Sequential(nn.Linear(4, 4)), config)
+    assert dm.trainable_parameters(model).trainable == 8 * (4 + 4) + 4
+    frozen = dm.get_peft_model(nn.Sequential(nn.Linear(4, 4)),
+                               dm.LoraConfig(inference_mode=True))
+    assert dm.trainable_parameters(frozen).trainable == 0
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        dm.LoraConfig(init_lora_weights="gaussian")
