@@ -44,6 +44,7 @@ ADAPTER_KINDS = (
     AdapterKind(DoRAEmbedding, linear=False),
 )
 ALL_LINEAR = "all-linear"
+SEQ_CLS_HEADS = ("classifier", "score")  # what PEFT trains besides the adapters for SEQ_CLS
 
 
 def kind_of(module):
@@ -253,6 +254,10 @@ def inject_adapters(model, config):
     targeted when any of them matches, adapted once, and every name sees the adapter. On any
     error the model is unchanged."""
     install_adapters(model, build_adapters(model, config))
+    if config.task_type == "SEQ_CLS":  # PEFT trains a classifier's head too (modules_to_save)
+        for name, module in model.named_modules():
+            if name.rpartition(".")[2] in SEQ_CLS_HEADS:
+                module.requires_grad_(True)
     if config.inference_mode:  # PEFT's inference_mode: nothing trains
         for _, layer in adapter_layers(model):
             layer.requires_grad_(False)

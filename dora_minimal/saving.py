@@ -161,6 +161,13 @@ def save_pretrained(model, directory, safe_serialization=None):
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("save_pretrained: the model has no adapter layers")
+    adapters = {id(p) for _, layer in layers for p in layer.parameters()}
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapters]
+    if trained:  # PEFT's modules_to_save, which this does not write
+        raise ValueError(f"save_pretrained: {trained[:5]} require grad but are not part of an "
+                         f"adapter (a task_type='SEQ_CLS' head, or unfrozen by hand), and only "
+                         f"the adapters are saved; save them yourself (torch.save of their "
+                         f"state_dict), then freeze them to save the adapters")
     settings = {name: _settings(layer) for name, layer in layers}
     first = dict(next(iter(settings.values())))  # becomes the config's shared values
     shared = ("lora_dropout", "use_dora")  # PEFT's config holds these once for all layers

@@ -525,3 +525,20 @@ def test_peft_quicktour_config_fields_are_accepted():
     assert dm.trainable_parameters(frozen).trainable == 0
     with pytest.raises(ValueError, match="init_lora_weights"):
         dm.LoraConfig(init_lora_weights="gaussian")
+
+
+def test_seq_cls_trains_the_head_as_peft_does_and_saving_says_it_is_not_saved(tmp_path):
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.score = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.score(self.body(x).tanh())
+    model = dm.get_peft_model(Classifier(), dm.LoraConfig(target_modules=["body"],
+                                                          task_type="SEQ_CLS"))
+    assert model.score.weight.requires_grad and not model.body.weight.requires_grad
+    with pytest.raises(ValueError, match=r"\['score.weight', 'score.bias'\].*not part of"):
+        dm.save_pretrained(model, tmp_path)
+    model.score.requires_grad_(False)
+    dm.save_pretrained(model, tmp_path)
