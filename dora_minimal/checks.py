@@ -69,6 +69,8 @@ def check_array(name, value, ndim=None, array_type=None):
         raise TypeError(f"{name}: expected {kind}, got {_describe(value)}")
     if not (hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "ndim")):
         raise TypeError(f"{name}: expected {kind}, got {_describe(value)}")
+    if str(getattr(value, "layout", "torch.strided")) != "torch.strided":  # a sparse tensor
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {value.layout}")
     if not _is_real_float(value.dtype):
         raise TypeError(f"{name}: expected a real floating dtype, got {_describe(value)}")
     if ndim is not None and value.ndim != ndim:

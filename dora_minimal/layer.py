@@ -116,7 +116,8 @@ class DoRALinear(AdaptedLayer):
         anything else check_functional_arguments decides and says what is wrong."""
         W, A, B, m, bias = self.weight, self.lora_A, self.lora_B, self.magnitude, self.bias
         out_features, in_features, r = self.out_features, self.in_features, self.r
-        return (isinstance(x, torch.Tensor) and x.dtype == W.dtype and x.device == W.device
+        return (isinstance(x, torch.Tensor) and x.layout == torch.strided
+                and x.dtype == W.dtype and x.device == W.device
                 and x.ndim >= 1 and x.shape[-1] == in_features
                 and W.shape == (out_features, in_features) and A.shape == (r, in_features)
                 and B.shape == (out_features, r) and A.dtype == B.dtype == W.dtype

@@ -542,3 +542,8 @@ def test_seq_cls_trains_the_head_as_peft_does_and_saving_says_it_is_not_saved(tm
         dm.save_pretrained(model, tmp_path)
     model.score.requires_grad_(False)
     dm.save_pretrained(model, tmp_path)
+
+
+def test_a_sparse_input_is_a_clear_error():
+    with pytest.raises(TypeError, match="x: expected a dense"):
+        trained_layer()(torch.randn(2, 6, dtype=torch.float64).to_sparse())
