@@ -293,27 +293,28 @@ def _backward_whole(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA, 
         grad_A = s * (GcB.T @ (x2 if xa2 is None else xa2))  # (r, in): s·(Gc B)^T x
     if needs[4]:
         grad_B = ((G.T @ xA) * (s * c)[:, None]).to(dtype)  # (out, r): s·c ⊙ G^T (x A^T)
-    exact = not detach_norm and (needs[3] or needs[4])
-    if needs[5] or exact:
+    if needs[5] or not detach_norm and (needs[3] or needs[4]):
         sum_G_y0 = (G * y0).sum(0, dtype=c.dtype)  # (out,)
-        grad_m, grad_norm = magnitude_and_norm_grads(sum_G_y0, magnitude, norm, c, detach_norm)
-        if exact:
-            grad_A, grad_B = _add_norm_path(grad_A, grad_B, grad_norm, weight, lora_A, lora_B,
-                                            s, norm, needs)
-        grad_m = grad_m if needs[5] else None
+        grad_A, grad_B, grad_m = _magnitude_and_norm_path(
+            sum_G_y0, grad_A, grad_B, weight, lora_A, lora_B, magnitude, c, norm, s, detach_norm,
+            needs)
     if needs[6]:
         grad_bias = G.sum(0)
     return grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias
 
 
-def _add_norm_path(grad_A, grad_B, grad_norm, weight, lora_A, lora_B, s, norm, needs):
-    """Adds the exact mode's norm path (Eq. 6) to ∂L/∂A and ∂L/∂B, in their dtype."""
-    norm_grad_A, norm_grad_B = norm_backward(grad_norm, weight, lora_A, lora_B, s, norm)
-    if needs[3]:
-        grad_A = grad_A + norm_grad_A.to(grad_A.dtype)
-    if needs[4]:
-        grad_B = grad_B + norm_grad_B.to(grad_B.dtype)
-    return grad_A, grad_B
+def _magnitude_and_norm_path(sum_G_y0, grad_A, grad_B, weight, lora_A, lora_B, magnitude, c,
+                             norm, s, detach_norm, needs):
+    """From Σ_t G ⊙ y0 (out,): ∂L/∂m (Eq. 7), and in exact mode the norm's path (Eq. 6) added
+    to ∂L/∂A and ∂L/∂B in their dtype. Returns (∂L/∂A, ∂L/∂B, ∂L/∂m or None)."""
+    grad_m, grad_norm = magnitude_and_norm_grads(sum_G_y0, magnitude, norm, c, detach_norm)
+    if grad_norm is not None and (needs[3] or needs[4]):
+        norm_grad_A, norm_grad_B = norm_backward(grad_norm, weight, lora_A, lora_B, s, norm)
+        if needs[3]:
+            grad_A = grad_A + norm_grad_A.to(grad_A.dtype)
+        if needs[4]:
+            grad_B = grad_B + norm_grad_B.to(grad_B.dtype)
+    return grad_A, grad_B, grad_m if needs[5] else None
 
 
 def _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA, y0, s,
@@ -354,12 +355,9 @@ def _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, 
         # s·Gc^T (x A^T) = s·c ⊙ G^T (x A^T) (out, r), from G in one product
         grad_B = torch.mm(G.T, xA).mul_((s * c)[:, None])
     if block_sums is not None:
-        grad_m, grad_norm = magnitude_and_norm_grads(block_sums.sum(0), magnitude, norm, c,
-                                                     detach_norm)
-        if exact:
-            grad_A, grad_B = _add_norm_path(grad_A, grad_B, grad_norm, weight, lora_A, lora_B,
-                                            s, norm, needs)
-        grad_m = grad_m if needs[5] else None
+        grad_A, grad_B, grad_m = _magnitude_and_norm_path(
+            block_sums.sum(0), grad_A, grad_B, weight, lora_A, lora_B, magnitude, c, norm, s,
+            detach_norm, needs)
     if needs[6]:
         grad_bias = G.sum(0)
     return grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias
