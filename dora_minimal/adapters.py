@@ -13,9 +13,8 @@ can be adapted, by which adapter layer, and under which PEFT keys its tensors ar
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 from .checks import (check_bool, check_dropout, check_positive, check_positive_int,

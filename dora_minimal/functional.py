@@ -59,8 +59,12 @@ def plain_eager(tensor=None):
     tools cannot trace, batch or differentiate."""
     return not (torch.compiler.is_compiling() or torch.is_grad_enabled()
                 or torch._C._functorch.peek_interpreter_stack() is not None
-                or (tensor is not None and (torch._C._functorch.is_batchedtensor(tensor)
-                                            or torch._C._functorch.is_legacy_batchedtensor(tensor))))
+                or (tensor is not None and _batched(tensor)))
+
+
+def _batched(tensor):
+    return (torch._C._functorch.is_batchedtensor(tensor)
+            or torch._C._functorch.is_legacy_batchedtensor(tensor))
 
 
 def scale_outputs(y0, c, bias=None):
@@ -172,7 +176,8 @@ class DoRAFunction(torch.autograd.Function):
 
     x_a is the adapter branch's input (dropout(x) in training, else x itself). W0 is frozen.
     apply() returns (y, c, ‖V'‖_c, x_a A^T, y0), or (y, c, ‖V'‖_c, V', W') when `small` (see
-    forms_merged_weight); all but y are kept for backward and carry no gradient. torch.func (grad, jacrev, vmap) and torch.compile can use it as it is.
+    forms_merged_weight); all but y are kept for backward and carry no gradient. torch.func
+    (grad, jacrev, vmap) and torch.compile can use it as it is.
     """
     generate_vmap_rule = True
 

@@ -2,11 +2,8 @@
 DistributedDataParallel and torch.compile (the main command: test_toy.py)."""
 
 import copy
-import importlib.util
 import io
 import os
-import subprocess
-import sys
 
 import pytest
 import torch

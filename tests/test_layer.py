@@ -1,4 +1,5 @@
-"""DoRALinear: initialization, LoRA and DoRA modes, dropout, merge/unmerge, eval paths, round trips."""
+"""DoRALinear: initialization, LoRA and DoRA modes, dropout, merge/unmerge, eval paths, round
+trips."""
 
 import copy
 import io

@@ -6,7 +6,6 @@ formula in float64."""
 import os
 import socket
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -168,7 +167,8 @@ def test_exact_mode_gradient_for_rows_of_norm_1e_17_in_float32():
     a time and stays the exact one (not the detached one) and finite."""
     g = torch.Generator().manual_seed(3)
     W0 = torch.randn(4, 5, generator=g, dtype=torch.float64) * 1e-17
-    A, B = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64)
+    A = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    B = torch.zeros(4, 2, dtype=torch.float64)
     B[:, 0] = 1e-18
     m, x, G = torch.ones(4, dtype=torch.float64), torch.randn(3, 5, generator=g,
                                                               dtype=torch.float64), torch.randn(
