@@ -86,35 +86,34 @@ class DoRALinear(AdaptedLayer):
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x):
+        parameters = self._parameters  # (read once: nn.Module's attribute lookup is slow)
+        W, A, B, m, bias = (parameters[name] for name in
+                            ("weight", "lora_A", "lora_B", "magnitude", "bias"))
         autocast = autocast_dtype(x) is not None
         if not autocast:  # (under autocast the functional forms below check, after casting)
-            s = self.scaling if self._well_formed(x) else check_functional_arguments(
-                x, self.weight, self.lora_A, self.lora_B, self.magnitude, self.bias, self.scaling,
-                self.use_dora)
+            s = self.scaling
+            if not self._well_formed(x, W, A, B, m, bias, s):
+                s = check_functional_arguments(x, W, A, B, m, bias, s, self.use_dora)
         if self.merged:
             self._warn_if_training_merged()
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, W, bias)
         lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
         if autocast:  # they compute in autocast's dtype; m, the norms and c stay float32
             if not self.use_dora:
-                return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling,
-                                   self.bias, lora_input=lora_input)
-            return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude,
-                               self.scaling, self.bias, self.detach_norm, lora_input=lora_input)
+                return lora_linear(x, W, A, B, self.scaling, bias, lora_input=lora_input)
+            return dora_linear(x, W, A, B, m, self.scaling, bias, self.detach_norm,
+                               lora_input=lora_input)
         if not self.use_dora:
-            return lora_forward(x, self.weight, self.lora_A, self.lora_B, s, self.bias, lora_input)
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in (self.lora_A, self.lora_B,
-                                                             self.magnitude)))
-        if self.training or needs_grad:  # checked above: straight to the autograd.Function
-            return apply_dora_function(x, lora_input, self.weight, self.lora_A, self.lora_B,
-                                       self.magnitude, self.bias, s, self.detach_norm)
+            return lora_forward(x, W, A, B, s, bias, lora_input)
+        if self.training or (torch.is_grad_enabled() and (
+                x.requires_grad or A.requires_grad or B.requires_grad or m.requires_grad)):
+            # checked above: straight to the autograd.Function
+            return apply_dora_function(x, lora_input, W, A, B, m, bias, s, self.detach_norm)
         return self._inference(x)
 
-    def _well_formed(self, x):
+    def _well_formed(self, x, W, A, B, m, bias, scaling):
         """A quick yes for the usual call (x and the parameters as the layer made them); for
         anything else check_functional_arguments decides and says what is wrong."""
-        W, A, B, m, bias = self.weight, self.lora_A, self.lora_B, self.magnitude, self.bias
         out_features, in_features, r = self.out_features, self.in_features, self.r
         return (isinstance(x, torch.Tensor) and x.layout == torch.strided
                 and x.dtype == W.dtype and x.device == W.device
@@ -126,7 +125,7 @@ class DoRALinear(AdaptedLayer):
                 and (bias is None or (bias.shape == (out_features,) and bias.dtype == W.dtype
                                       and bias.device == W.device))
                 and not (W.requires_grad and torch.is_grad_enabled())
-                and isinstance(self.scaling, float) and 0 < self.scaling < math.inf
+                and isinstance(scaling, float) and 0 < scaling < math.inf
                 and (m is not None) == self.use_dora)
 
     def _inference(self, x):
