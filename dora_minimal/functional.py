@@ -300,26 +300,32 @@ def _backward_whole(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA, 
         grad_B = ((G.T @ xA) * (s * c)[:, None]).to(dtype)  # (out, r): s·c ⊙ G^T (x A^T)
     if needs[5] or not detach_norm and (needs[3] or needs[4]):
         sum_G_y0 = (G * y0).sum(0, dtype=c.dtype)  # (out,)
-        grad_A, grad_B, grad_m = _magnitude_and_norm_path(
+        grad_A, grad_B, grad_m = magnitude_and_norm_path(
             sum_G_y0, grad_A, grad_B, weight, lora_A, lora_B, magnitude, c, norm, s, detach_norm,
-            needs)
+            *needs[3:6])
     if needs[6]:
         grad_bias = G.sum(0)
     return grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias
 
 
-def _magnitude_and_norm_path(sum_G_y0, grad_A, grad_B, weight, lora_A, lora_B, magnitude, c,
-                             norm, s, detach_norm, needs):
-    """From Σ_t G ⊙ y0 (out,): ∂L/∂m (Eq. 7), and in exact mode the norm's path (Eq. 6) added
-    to ∂L/∂A and ∂L/∂B in their dtype. Returns (∂L/∂A, ∂L/∂B, ∂L/∂m or None)."""
+def magnitude_and_norm_path(sum_G_y0, grad_A, grad_B, weight, lora_A, lora_B, magnitude, c,
+                            norm, s, detach_norm, needs_A, needs_B, needs_m):
+    """From Σ G ⊙ y0 (out,): ∂L/∂m (Eq. 7), and in exact mode the norm's path (Eq. 6) added to
+    ∂L/∂A and ∂L/∂B (or as them, where they are None) in lora_A's and lora_B's dtype. Returns
+    (∂L/∂A, ∂L/∂B, ∂L/∂m), None for what is not needed."""
     grad_m, grad_norm = magnitude_and_norm_grads(sum_G_y0, magnitude, norm, c, detach_norm)
-    if grad_norm is not None and (needs[3] or needs[4]):
+    if grad_norm is not None and (needs_A or needs_B):
         norm_grad_A, norm_grad_B = norm_backward(grad_norm, weight, lora_A, lora_B, s, norm)
-        if needs[3]:
-            grad_A = grad_A + norm_grad_A.to(grad_A.dtype)
-        if needs[4]:
-            grad_B = grad_B + norm_grad_B.to(grad_B.dtype)
-    return grad_A, grad_B, grad_m if needs[5] else None
+        if needs_A:
+            grad_A = _plus(grad_A, norm_grad_A, lora_A.dtype)
+        if needs_B:
+            grad_B = _plus(grad_B, norm_grad_B, lora_B.dtype)
+    return grad_A, grad_B, grad_m if needs_m else None
+
+
+def _plus(grad, path, dtype):
+    """grad + path in grad's dtype, or path alone in `dtype` where grad is None."""
+    return path.to(dtype) if grad is None else grad + path.to(grad.dtype)
 
 
 def _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA, y0, s,
@@ -360,9 +366,9 @@ def _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, 
         # s·Gc^T (x A^T) = s·c ⊙ G^T (x A^T) (out, r), from G in one product
         grad_B = torch.mm(G.T, xA).mul_((s * c)[:, None])
     if block_sums is not None:
-        grad_A, grad_B, grad_m = _magnitude_and_norm_path(
+        grad_A, grad_B, grad_m = magnitude_and_norm_path(
             block_sums.sum(0), grad_A, grad_B, weight, lora_A, lora_B, magnitude, c, norm, s,
-            detach_norm, needs)
+            detach_norm, *needs[3:6])
     if needs[6]:
         grad_bias = G.sum(0)
     return grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias

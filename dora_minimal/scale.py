@@ -22,7 +22,7 @@ import torch
 
 from .checks import check_dora_arguments
 from .functional import (_divide_or_zero, adapted_row_norm, autocast_dtype,
-                         magnitude_and_norm_grads, norm_backward, plain_eager, scale_outputs)
+                         magnitude_and_norm_path, plain_eager, scale_outputs)
 
 
 def _along_channel(vector, trailing_dims):
@@ -76,7 +76,8 @@ class DoRAScale(torch.autograd.Function):
         if grad_y is None:  # y took no part in the loss
             return (None,) * 9
         s, trailing, needs = ctx.scaling, ctx.trailing_dims, ctx.needs_input_grad
-        if not plain_eager() and not torch.compiler.is_compiling():
+        eager = plain_eager(grad_y)
+        if not eager and not torch.compiler.is_compiling():
             # create_graph=True or torch.func: recompute ‖V'‖_c and c from the inputs, so that
             # second derivatives see how they depend on A, B and m
             norm = adapted_row_norm(weight, lora_A, lora_B, s)
@@ -86,17 +87,13 @@ class DoRAScale(torch.autograd.Function):
         if needs[4] or ctx.exact:
             product = grad_y * y0  # G ⊙ y0
             sum_G_y0 = _sum_but_channel(product, trailing, c.dtype)  # (out,)
-            grad_m, grad_norm = magnitude_and_norm_grads(sum_G_y0, magnitude, norm, c,
-                                                         ctx.detach_norm)  # Eq. 7
-            if ctx.exact:  # Eq. 6: the norm's path to the (out, in') views of A and B
-                norm_grad_A, norm_grad_B = norm_backward(grad_norm, weight, lora_A, lora_B, s,
-                                                         norm)
-                grad_A = norm_grad_A.to(lora_A.dtype) if needs[2] else None
-                grad_B = norm_grad_B.to(lora_B.dtype) if needs[3] else None
-            grad_m = grad_m if needs[4] else None
+            # Eq. 7, and in exact mode Eq. 6's norm path to the (out, in') views of A and B
+            grad_A, grad_B, grad_m = magnitude_and_norm_path(
+                sum_G_y0, None, None, weight, lora_A, lora_B, magnitude, c, norm, s,
+                ctx.detach_norm, needs[2], needs[3], needs[4])
         if needs[0]:  # ∂L/∂y0 = G ⊙ c
             c_channel = _along_channel(c, trailing)
-            if plain_eager() and product is not None:  # G ⊙ y0's buffer takes it: no new one
+            if eager and product is not None:  # G ⊙ y0's buffer takes it: no new one
                 grad_y0 = torch.mul(grad_y, c_channel, out=product)
             else:
                 grad_y0 = (grad_y * c_channel).to(grad_y.dtype)
