@@ -477,9 +477,17 @@ def test_export_with_a_dynamic_token_dimension_and_compiled_autograd():
 
 
 @pytest.mark.usefixtures("dora_path")
-def test_batched_gradients_of_autograd_grad():
-    layer = trained_layer()
-    y = layer(torch.randn(7, 6, dtype=torch.float64))
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_batched_gradients_of_autograd_grad(kind):
+    if kind == "linear":
+        layer, x = trained_layer(), torch.randn(7, 6, dtype=torch.float64)
+    else:
+        torch.manual_seed(0)
+        layer = dm.DoRAConv1d.from_base(nn.Conv1d(3, 4, 3).double(), r=2, lora_alpha=4)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        x = torch.randn(2, 3, 9, dtype=torch.float64)
+    y = layer(x)
     vectors = torch.randn(3, *y.shape, dtype=torch.float64)
     batched, = torch.autograd.grad(y, layer.lora_B, vectors, is_grads_batched=True,
                                    retain_graph=True)
