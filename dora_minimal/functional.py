@@ -29,6 +29,10 @@ y0, y and ∂L/∂x. Under torch.compile, torch.func transforms or create_graph=
 same equations on whole tensors with out-of-place ops, which those tools can trace, batch and
 differentiate again; for the last two it first recomputes ‖V'‖_c and y0 from the inputs, so that
 second derivatives see how they depend on A, B and m.
+
+A small step (a toy model's layer, see forms_merged_weight) takes a second route through the same
+Function: it forms W' = c ⊙ V' itself and makes one product x W'^T, as the textbook does, with its
+backward through ∂L/∂W' = G^T x (_backward_small).
 """
 
 import torch
