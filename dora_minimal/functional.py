@@ -30,9 +30,9 @@ same equations on whole tensors with out-of-place ops, which those tools can tra
 differentiate again; for the last two it first recomputes ‖V'‖_c and y0 from the inputs, so that
 second derivatives see how they depend on A, B and m.
 
-A small step (a toy model's layer, see forms_merged_weight) takes a second route through the same
-Function: it forms W' = c ⊙ V' itself and makes one product x W'^T, as the textbook does, with its
-backward through ∂L/∂W' = G^T x (_backward_small).
+A small step (a toy model's layer, see forms_merged_weight) in a plain eager call goes through a
+second hand-written Function, DoRASmallStep: it forms W' = c ⊙ V' itself and makes one product
+x W'^T, as the textbook does, with its backward through ∂L/∂W' = G^T x.
 """
 
 import torch
@@ -157,20 +157,20 @@ def low_rank_then_base(x2, xA, weight, lora_B, scaling):
     return torch.addmm(y0, x2, weight.T, beta=scaling)
 
 
-# A step of at most this many multiply-adds (tokens·in·out) takes the small-step path.
+# A step of at most this many multiply-adds (tokens·in·out) takes the small-step route.
 SMALL_STEP = 2**26
 
 
 def forms_merged_weight(x, x_adapter, weight):
-    """Whether DoRAFunction forms V' and W' = c ⊙ V' (out, in) and makes one product with x.
+    """Whether a plain eager call goes through DoRASmallStep, which forms V' and W' = c ⊙ V'
+    (out, in) and makes one product with x, rather than DoRAFunction's factored route.
 
     In a small step (tokens·in·out ≤ SMALL_STEP: a toy model's layer) time goes to the number of
-    operations, not to arithmetic, and forming W' (as the textbook formula does) takes about a
-    third as many as the factored path; its backward's extra product G^T x (out, in) is then
-    cheap. Only for float32/float64 (in bf16 the scale c stays float32 on the output), without
-    dropout (x_a = x), and in plain eager calls (torch.compile sees one path for all shapes)."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False  # decided before looking at the number of tokens, which may be symbolic
+    operations and Python calls, not to arithmetic: forming W' (as the textbook formula does)
+    takes fewer of them than the factored route, and its backward's extra product G^T x (out, in)
+    is then cheap. Only for float32/float64 (in bf16 the scale c stays float32 on the output),
+    without dropout (x_a = x). torch.compile and torch.func always take DoRAFunction (one path
+    for all shapes); apply_dora_function asks this only for plain eager calls."""
     return (x_adapter is None and weight.dtype == accumulation_dtype(weight.dtype)
             and x.numel() * weight.shape[0] <= SMALL_STEP)
 
@@ -179,26 +179,15 @@ class DoRAFunction(torch.autograd.Function):
     """y = (m / ‖W0 + s·B A‖_c) ⊙ (x W0^T + s·(x_a A^T) B^T) + b with a hand-written backward.
 
     x_a is the adapter branch's input (dropout(x) in training, else x itself). W0 is frozen.
-    apply() returns (y, c, ‖V'‖_c, x_a A^T, y0), or (y, c, ‖V'‖_c, V', W') when `small` (see
-    forms_merged_weight); all but y are kept for backward and carry no gradient. torch.func
-    (grad, jacrev, vmap) and torch.compile can use it as it is.
+    apply() returns (y, c, ‖V'‖_c, x_a A^T, y0); all but y are kept for backward and carry no
+    gradient. torch.func (grad, jacrev, vmap) and torch.compile can use it as it is.
     """
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
-                small=False):
+    def forward(x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm):
         in_features, out_features = weight.shape[1], weight.shape[0]
         x2 = x if x.dim() == 2 else x.reshape(-1, in_features)  # (T, in)
-        if small:
-            # a small step (float32/64): form V' and W' themselves and make one product with x
-            V = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # (out, in): Eq. 5
-            norm = torch.linalg.vector_norm(V, dim=1)  # (out,)
-            m = magnitude if magnitude.dtype == norm.dtype else magnitude.to(norm.dtype)
-            c = _divide_or_zero(m, norm)  # (out,)
-            W = V * c[:, None]  # (out, in): Eq. 5, W' = m · V'/‖V'‖_c
-            y = F.linear(x, W, bias)  # (..., out)
-            return y, c, norm, V, W
         xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, in_features)  # (T, in)
         # first the norm, so that its blocks of V' are freed before y0 and y exist
         norm = adapted_row_norm(weight, lora_A, lora_B, scaling)  # (out,)
@@ -212,78 +201,122 @@ class DoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm = inputs
+        _, c, norm, xA, y0 = output
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero (T, out) gradients for y0 and the others
-        _save_for_backward(ctx, inputs, output)
+        # y0 (T, out) is kept only for Eq. 7 and the exact mode's norm path
+        keep_y0 = ctx.needs_input_grad[5] or not detach_norm
+        ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, magnitude, c, norm, xA,
+                              y0 if keep_y0 else None)
+        ctx.scaling, ctx.detach_norm = scaling, detach_norm
 
     @staticmethod
     def backward(ctx, grad_y, *_):
         x, x_adapter, weight, lora_A, lora_B, magnitude, c, norm, xA, y0 = ctx.saved_tensors
         if grad_y is None:  # y took no part in the loss
-            return (None,) * 10
+            return (None,) * 9
         s, detach_norm, needs = ctx.scaling, ctx.detach_norm, ctx.needs_input_grad
         in_features, out_features = weight.shape[1], weight.shape[0]
         x2 = x if x.dim() == 2 else x.reshape(-1, in_features)  # (T, in)
         xa2 = None if x_adapter is None else x_adapter.reshape(-1, in_features)
         G = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, out_features)  # (T, out)
         eager = plain_eager(grad_y)
-        if eager and ctx.small:
-            V, W = xA, y0  # what a small step saved
-            grads = _backward_small(G, x2, weight, lora_A, lora_B, magnitude, c, norm, V, W, s,
-                                    detach_norm, needs)
-        elif eager:
+        if eager:
             grads = _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm,
                                         xA, y0, s, detach_norm, needs)
         else:
-            if ctx.small or not torch.compiler.is_compiling():  # create_graph=True, torch.func,
-                # compiled autograd: recompute the saved values of the factored route from the
-                # inputs (so that second derivatives see them change)
-                norm = adapted_row_norm(weight, lora_A, lora_B, s)
-                norm = norm.detach() if detach_norm else norm
-                c = _divide_or_zero(magnitude.to(norm.dtype), norm)
-                xA = (x2 if xa2 is None else xa2) @ lora_A.T
-                y0 = torch.addmm(xA @ lora_B.T, x2, weight.T, beta=s)
+            if not torch.compiler.is_compiling():  # create_graph=True, torch.func, compiled
+                # autograd: recompute the saved values from the inputs (so that second
+                # derivatives see them change)
+                norm, c, xA, y0 = _factored_values(x2, xa2, weight, lora_A, lora_B, magnitude, s,
+                                                   detach_norm)
             grads = _backward_whole(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA,
                                     y0, s, detach_norm, needs)
-        grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias = grads
-        if grad_x is not None and x.dim() != 2:
-            grad_x = grad_x.reshape(x.shape)
-        if grad_xa is not None:
-            grad_xa = grad_xa.reshape(x.shape)
-        return grad_x, grad_xa, None, grad_A, grad_B, grad_m, grad_bias, None, None, None
+        return _input_grads(x, *grads)
 
 
-def _save_for_backward(ctx, inputs, output):
-    x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm, small = inputs
-    _, c, norm, saved, saved_large = output  # (x A^T, y0), or (V', W') for a small step
-    # y0 (T, out) is kept only for Eq. 7 and the exact mode's norm path
-    if not small and not (ctx.needs_input_grad[5] or not detach_norm):
-        saved_large = None
-    ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, magnitude, c, norm, saved,
-                          saved_large)
-    ctx.scaling, ctx.detach_norm, ctx.small = scaling, detach_norm, small
+def _factored_values(x2, xa2, weight, lora_A, lora_B, magnitude, s, detach_norm):
+    """‖V'‖_c, c, x_a A^T and y0 from the inputs, with ops that autograd can record: what
+    DoRAFunction's forward saves, recomputed for a backward that is itself differentiated."""
+    norm = adapted_row_norm(weight, lora_A, lora_B, s)
+    norm = norm.detach() if detach_norm else norm
+    c = _divide_or_zero(magnitude.to(norm.dtype), norm)
+    xA = (x2 if xa2 is None else xa2) @ lora_A.T
+    y0 = torch.addmm(xA @ lora_B.T, x2, weight.T, beta=s)
+    return norm, c, xA, y0
 
 
-def _backward_small(G, x2, weight, lora_A, lora_B, magnitude, c, norm, V, W, s, detach_norm,
-                    needs):
-    """Backward of a small step, through W' = c ⊙ V' (out, in): with ∂L/∂W' = G^T x,
-    Eq. 7 ∂L/∂m = rowsum(∂L/∂W' ⊙ V') / ‖V'‖_c, Eq. 11 ∂L/∂V' = c ⊙ ∂L/∂W' (+ the norm's path of
-    Eq. 6 in exact mode), ∂L/∂B = s·∂L/∂V' A^T, ∂L/∂A = s·B^T ∂L/∂V', ∂L/∂x = G W'."""
-    grad_x = G @ W if needs[0] else None  # (T, in)
-    grad_A = grad_B = grad_m = None
-    if needs[3] or needs[4] or needs[5]:
-        grad_W = G.T @ x2  # (out, in): ∂L/∂W'
-        sum_G_y0 = torch.linalg.vecdot(grad_W, V)  # (out,): Σ_t G ⊙ y0, as y0 = x V'^T
-        grad_m, grad_norm = magnitude_and_norm_grads(sum_G_y0, magnitude, norm, c, detach_norm)
-        grad_V = grad_W.mul_((s * c)[:, None])  # (out, in): s·∂L/∂V', Eq. 11
-        if grad_norm is not None:  # Eq. 6: ∂L/∂V'_j += (∂L/∂‖V'_j‖) V'_j/‖V'_j‖
-            unit = V / norm.clamp_min(torch.finfo(norm.dtype).tiny)[:, None]  # V̂ (out, in)
-            grad_V.addcmul_(unit, (s * grad_norm)[:, None])
-        grad_A = lora_B.T @ grad_V if needs[3] else None  # (r, in): s·B^T ∂L/∂V'
-        grad_B = grad_V @ lora_A.T if needs[4] else None  # (out, r): s·∂L/∂V' A^T
-        grad_m = grad_m if needs[5] else None
-    grad_bias = G.sum(0) if needs[6] else None
-    return grad_x, None, grad_A, grad_B, grad_m, grad_bias
+def _input_grads(x, grad_x, grad_xa, grad_A, grad_B, grad_m, grad_bias):
+    """The gradients of (x, x_a, W0, A, B, m, bias, scaling, detach_norm), ∂L/∂x in x's shape."""
+    if grad_x is not None and x.dim() != 2:
+        grad_x = grad_x.reshape(x.shape)
+    if grad_xa is not None:
+        grad_xa = grad_xa.reshape(x.shape)
+    return grad_x, grad_xa, None, grad_A, grad_B, grad_m, grad_bias, None, None
+
+
+class DoRASmallStep(torch.autograd.Function):
+    """The same y as DoRAFunction, for a small step in a plain eager call (forms_merged_weight):
+    it forms V' and W' = c ⊙ V' (out, in), as the textbook does, and makes one product x W'^T.
+
+    Backward goes through ∂L/∂W' = G^T x (out, in):
+        Eq. 7   ∂L/∂m = rowsum(∂L/∂W' ⊙ V') / ‖V'‖_c
+        Eq. 11  s·∂L/∂V' = s·c ⊙ ∂L/∂W', ∂L/∂A = B^T (s·∂L/∂V'), ∂L/∂B = (s·∂L/∂V') A^T
+        Eq. 6   exact mode adds (∂L/∂‖V'‖_c) ⊙ V̂ to ∂L/∂V', ∂L/∂‖V'‖_c = -c ⊙ rowsum(∂L/∂W' ⊙ V')
+                / ‖V'‖_c
+        ∂L/∂x = G W'
+    It is written in the older form of autograd.Function (forward takes ctx), which torch.func
+    cannot transform but which lets forward save V', W', c and 1/‖V'‖_c without returning them;
+    returned as extra outputs, as DoRAFunction's form requires, they cost about 10 µs a step on
+    a 2-core CPU, more than some of the arithmetic. A backward that is itself differentiated or
+    batched (create_graph=True, is_grads_batched, compiled autograd) takes DoRAFunction's
+    equations, recomputed from the inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm):
+        V = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # (out, in): Eq. 5
+        norm = torch.linalg.vector_norm(V, dim=1)  # (out,): ‖V'‖_c
+        inv_norm = norm.reciprocal().masked_fill_(norm.logical_not(), 0)  # 1/‖V'‖_c, 0 if zero
+        c = (magnitude if magnitude.dtype == V.dtype else magnitude.to(V.dtype)) * inv_norm
+        W = V * c[:, None]  # (out, in): Eq. 5, W' = m · V'/‖V'‖_c
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, V, W, c, inv_norm)
+        ctx.scaling, ctx.detach_norm = scaling, detach_norm
+        return F.linear(x, W, bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, magnitude, V, W, c, inv_norm = ctx.saved_tensors
+        s, needs = ctx.scaling, ctx.needs_input_grad
+        out_features, in_features = W.shape
+        x2 = x if x.dim() == 2 else x.reshape(-1, in_features)  # (T, in)
+        G = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, out_features)  # (T, out)
+        if not plain_eager(grad_y):  # a backward that is itself differentiated or batched
+            norm, c, xA, y0 = _factored_values(x2, None, weight, lora_A, lora_B, magnitude, s,
+                                               ctx.detach_norm)
+            grad_x, _, grad_A, grad_B, grad_m, grad_bias = _backward_whole(
+                G, x2, None, weight, lora_A, lora_B, magnitude, c, norm, xA, y0, s,
+                ctx.detach_norm, (needs[0], False) + needs[1:])  # (no x_a: as DoRAFunction's)
+            grad_x = None if grad_x is None else grad_x.reshape(x.shape)
+            return grad_x, None, grad_A, grad_B, grad_m, grad_bias, None, None
+        grad_x = grad_y @ W if needs[0] else None  # (..., in)
+        grad_A = grad_B = grad_m = grad_bias = None
+        if needs[2] or needs[3] or needs[4]:
+            grad_W = G.T @ x2  # (out, in): ∂L/∂W'
+            sum_G_y0 = torch.linalg.vecdot(grad_W, V)  # (out,): Σ_t G ⊙ y0, as y0 = x V'^T
+            if needs[4]:
+                grad_m = sum_G_y0 * inv_norm  # Eq. 7
+                grad_m = grad_m if grad_m.dtype == magnitude.dtype else grad_m.to(magnitude.dtype)
+            grad_V = grad_W.mul_((s * c)[:, None])  # (out, in): s·∂L/∂V', Eq. 11
+            if not ctx.detach_norm:  # Eq. 6: ∂L/∂V'_j += (∂L/∂‖V'_j‖) V'_j/‖V'_j‖
+                grad_norm = -c * sum_G_y0 * inv_norm  # (out,)
+                grad_V.addcmul_(V * inv_norm[:, None], (s * grad_norm)[:, None])
+            grad_A = lora_B.T @ grad_V if needs[2] else None  # (r, in): s·B^T ∂L/∂V'
+            grad_B = grad_V @ lora_A.T if needs[3] else None  # (out, r): s·∂L/∂V' A^T
+        if needs[5]:
+            grad_bias = G.sum(0)
+        return grad_x, None, grad_A, grad_B, grad_m, grad_bias, None, None
 
 
 def _backward_whole(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, xA, y0, s,
@@ -380,15 +413,18 @@ def _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, 
 
 def apply_dora_function(x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling,
                         detach_norm):
-    """y from DoRAFunction.apply, with `small` chosen by forms_merged_weight. In plain eager calls
-    it enters autograd's C++ side directly: Function.apply would first bind the arguments to
-    forward's signature with inspect, about 90 µs a call on a 2-core CPU, more than a toy
-    layer's whole forward."""
-    args = (x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
-            forms_merged_weight(x, x_adapter, weight))
+    """y from DoRAFunction, or from DoRASmallStep for a small step in a plain eager call
+    (forms_merged_weight). Eager calls enter autograd's C++ side directly: Function.apply would
+    first bind the arguments to forward's signature with inspect, about 90 µs a call on a 2-core
+    CPU, more than a toy layer's whole forward."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return DoRAFunction.apply(*args)[0]
-    return super(torch.autograd.Function, DoRAFunction).apply(*args)[0]
+        return DoRAFunction.apply(x, x_adapter, weight, lora_A, lora_B, magnitude, bias,
+                                  scaling, detach_norm)[0]
+    if forms_merged_weight(x, x_adapter, weight):
+        return super(torch.autograd.Function, DoRASmallStep).apply(
+            x, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm)
+    return super(torch.autograd.Function, DoRAFunction).apply(
+        x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm)[0]
 
 
 def _block_tokens(tokens, in_features, out_features):

@@ -87,22 +87,17 @@ class DoRALinear(AdaptedLayer):
 
     def forward(self, x):
         parameters = self._parameters  # (read once: nn.Module's attribute lookup is slow)
-        W, A, B, m, bias = (parameters[name] for name in
-                            ("weight", "lora_A", "lora_B", "magnitude", "bias"))
-        autocast = autocast_dtype(x) is not None
-        if not autocast:  # (under autocast the functional forms below check, after casting)
-            s = self.scaling
-            if not self._well_formed(x, W, A, B, m, bias, s):
-                s = check_functional_arguments(x, W, A, B, m, bias, s, self.use_dora)
+        W, A, B, m, bias = (parameters["weight"], parameters["lora_A"], parameters["lora_B"],
+                            parameters["magnitude"], parameters["bias"])
+        if torch._C._is_any_autocast_enabled() and autocast_dtype(x) is not None:
+            return self._autocast_forward(x, W, A, B, m, bias)
+        s = self.scaling
+        if not self._well_formed(x, W, A, B, m, bias, s):
+            s = check_functional_arguments(x, W, A, B, m, bias, s, self.use_dora)
         if self.merged:
             self._warn_if_training_merged()
             return F.linear(x, W, bias)
         lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
-        if autocast:  # they compute in autocast's dtype; m, the norms and c stay float32
-            if not self.use_dora:
-                return lora_linear(x, W, A, B, self.scaling, bias, lora_input=lora_input)
-            return dora_linear(x, W, A, B, m, self.scaling, bias, self.detach_norm,
-                               lora_input=lora_input)
         if not self.use_dora:
             return lora_forward(x, W, A, B, s, bias, lora_input)
         if self.training or (torch.is_grad_enabled() and (
@@ -111,19 +106,32 @@ class DoRALinear(AdaptedLayer):
             return apply_dora_function(x, lora_input, W, A, B, m, bias, s, self.detach_norm)
         return self._inference(x)
 
+    def _autocast_forward(self, x, W, A, B, m, bias):
+        """Under torch.autocast: the functional forms compute in autocast's dtype, as nn.Linear
+        would (m, the norms and c stay float32), and check their arguments after casting."""
+        if self.merged:
+            self._warn_if_training_merged()
+            return F.linear(x, W, bias)
+        lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
+        if not self.use_dora:
+            return lora_linear(x, W, A, B, self.scaling, bias, lora_input=lora_input)
+        return dora_linear(x, W, A, B, m, self.scaling, bias, self.detach_norm,
+                           lora_input=lora_input)
+
     def _well_formed(self, x, W, A, B, m, bias, scaling):
         """A quick yes for the usual call (x and the parameters as the layer made them); for
         anything else check_functional_arguments decides and says what is wrong."""
         out_features, in_features, r = self.out_features, self.in_features, self.r
+        dtype, device = W.dtype, W.device
         return (isinstance(x, torch.Tensor) and x.layout == torch.strided
-                and x.dtype == W.dtype and x.device == W.device
-                and x.ndim >= 1 and x.shape[-1] == in_features
+                and x.dtype == dtype and x.device == device
+                and x.ndim >= 1 and x.size(-1) == in_features
                 and W.shape == (out_features, in_features) and A.shape == (r, in_features)
-                and B.shape == (out_features, r) and A.dtype == B.dtype == W.dtype
-                and A.device == B.device == W.device
-                and (m is None or (m.shape == (out_features,) and m.device == W.device))
-                and (bias is None or (bias.shape == (out_features,) and bias.dtype == W.dtype
-                                      and bias.device == W.device))
+                and B.shape == (out_features, r) and A.dtype == dtype and B.dtype == dtype
+                and A.device == device and B.device == device
+                and (m is None or (m.shape == (out_features,) and m.device == device))
+                and (bias is None or (bias.shape == (out_features,) and bias.dtype == dtype
+                                      and bias.device == device))
                 and not (W.requires_grad and torch.is_grad_enabled())
                 and isinstance(scaling, float) and 0 < scaling < math.inf
                 and (m is not None) == self.use_dora)

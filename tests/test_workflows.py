@@ -555,3 +555,58 @@ def test_seq_cls_trains_the_head_as_peft_does_and_saving_says_it_is_not_saved(tm
 def test_a_sparse_input_is_a_clear_error():
     with pytest.raises(TypeError, match="x: expected a dense"):
         trained_layer()(torch.randn(2, 6, dtype=torch.float64).to_sparse())
+
+
+def test_each_call_takes_the_route_forms_merged_weight_names(monkeypatch):
+    """Plain eager float32/64 steps up to SMALL_STEP multiply-adds go through DoRASmallStep;
+    larger ones, dropout, bf16 and torch.func go through DoRAFunction (both hand-written)."""
+    monkeypatch.setattr(dm.functional, "SMALL_STEP", 2**26)  # (dora_path may have changed it)
+
+    def route(layer, x):
+        name = type(layer(x).grad_fn).__name__
+        return "small" if name.startswith("DoRASmallStep") else name
+    layer = trained_layer(torch.float32)
+    x = torch.randn(4, 6)
+    assert route(layer, x) == "small"
+    assert route(layer, torch.randn(2**26 // 30 + 1, 6)) == "DoRAFunctionBackward"
+    assert route(trained_layer(lora_dropout=0.5), x.double()) == "DoRAFunctionBackward"
+    assert route(trained_layer(torch.bfloat16), x.bfloat16()) == "DoRAFunctionBackward"
+    params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+
+    def loss(p):
+        return functional_call(layer, p, (x,)).square().sum()
+    ours = grad(loss)(params)  # the factored Function under torch.func; the same numbers
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    for name in ("lora_A", "lora_B", "magnitude"):
+        assert rel_error(ours[name].numpy(), getattr(layer, name).grad.numpy()) < 1e-5
+
+
+@pytest.mark.usefixtures("dora_path")
+@pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
+def test_activation_checkpointing_and_saved_tensor_hooks_keep_the_gradients(detach_norm):
+    """DoRASmallStep saves V', W', c and 1/‖V'‖_c from inside forward: checkpointing (both
+    kinds) and save_on_cpu must still see, recompute or restore every one of them."""
+    from torch.utils.checkpoint import checkpoint
+    layer = trained_layer(detach_norm=detach_norm)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+
+    def gradients(forward):
+        for t in (x, *layer.parameters()):
+            t.grad = None
+        forward().square().sum().backward()
+        return [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B, layer.magnitude)]
+
+    def on_cpu():
+        with torch.autograd.graph.save_on_cpu():
+            return layer(x)
+    plain = gradients(lambda: layer(x))
+    for forward in (lambda: checkpoint(layer, x, use_reentrant=False),
+                    lambda: checkpoint(layer, x, use_reentrant=True), on_cpu):
+        for a, b in zip(gradients(forward), plain):
+            assert torch.equal(a, b)
+    textbook = gradients(lambda: textbook_dora(x, layer.weight, layer.lora_A, layer.lora_B,
+                                               layer.magnitude, layer.scaling, layer.bias,
+                                               detach_norm))
+    for a, b in zip(plain, textbook):
+        assert rel_error(a.numpy(), b.numpy()) < 1e-12
