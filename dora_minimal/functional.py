@@ -168,11 +168,16 @@ def forms_merged_weight(x, x_adapter, weight):
     In a small step (tokens·in·out ≤ SMALL_STEP: a toy model's layer) time goes to the number of
     operations and Python calls, not to arithmetic: forming W' (as the textbook formula does)
     takes fewer of them than the factored route, and its backward's extra product G^T x (out, in)
-    is then cheap. Only for float32/float64 (in bf16 the scale c stays float32 on the output),
-    without dropout (x_a = x). torch.compile and torch.func always take DoRAFunction (one path
-    for all shapes); apply_dora_function asks this only for plain eager calls."""
-    return (x_adapter is None and weight.dtype == accumulation_dtype(weight.dtype)
-            and x.numel() * weight.shape[0] <= SMALL_STEP)
+    is then cheap. Only while W' (out·in numbers) is no larger than x and y together (tokens·
+    (in + out)), so that a big layer on a few tokens keeps no (out, in) matrices for backward;
+    only for float32/float64 (in bf16 the scale c stays float32 on the output), and without
+    dropout (x_a = x). torch.compile and torch.func always take DoRAFunction (one path for all
+    shapes); apply_dora_function asks this only for plain eager calls."""
+    out_features, in_features = weight.shape
+    return (x_adapter is None and weight.dtype in (torch.float32, torch.float64)
+            and x.numel() * out_features <= SMALL_STEP
+            and out_features * in_features * in_features <= x.numel() * (in_features
+                                                                         + out_features))
 
 
 class DoRAFunction(torch.autograd.Function):
@@ -267,7 +272,7 @@ class DoRASmallStep(torch.autograd.Function):
                 / ‖V'‖_c
         ∂L/∂x = G W'
     It is written in the older form of autograd.Function (forward takes ctx), which torch.func
-    cannot transform but which lets forward save V', W', c and 1/‖V'‖_c without returning them;
+    cannot transform but which lets forward save V', W', c and ‖V'‖_c without returning them;
     returned as extra outputs, as DoRAFunction's form requires, they cost about 10 µs a step on
     a 2-core CPU, more than some of the arithmetic. A backward that is itself differentiated or
     batched (create_graph=True, is_grads_batched, compiled autograd) takes DoRAFunction's
@@ -278,16 +283,17 @@ class DoRASmallStep(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm):
         V = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # (out, in): Eq. 5
         norm = torch.linalg.vector_norm(V, dim=1)  # (out,): ‖V'‖_c
-        inv_norm = norm.reciprocal().masked_fill_(norm.logical_not(), 0)  # 1/‖V'‖_c, 0 if zero
-        c = (magnitude if magnitude.dtype == V.dtype else magnitude.to(V.dtype)) * inv_norm
+        zero = norm.logical_not()  # (out,): the zero rows, whose c (and gradients) are 0
+        m = magnitude if magnitude.dtype == V.dtype else magnitude.to(V.dtype)
+        c = (m / norm).masked_fill_(zero, 0)  # (out,)
         W = V * c[:, None]  # (out, in): Eq. 5, W' = m · V'/‖V'‖_c
-        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, V, W, c, inv_norm)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, V, W, c, norm, zero)
         ctx.scaling, ctx.detach_norm = scaling, detach_norm
         return F.linear(x, W, bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, magnitude, V, W, c, inv_norm = ctx.saved_tensors
+        x, weight, lora_A, lora_B, magnitude, V, W, c, norm, zero = ctx.saved_tensors
         s, needs = ctx.scaling, ctx.needs_input_grad
         out_features, in_features = W.shape
         x2 = x if x.dim() == 2 else x.reshape(-1, in_features)  # (T, in)
@@ -306,12 +312,13 @@ class DoRASmallStep(torch.autograd.Function):
             grad_W = G.T @ x2  # (out, in): ∂L/∂W'
             sum_G_y0 = torch.linalg.vecdot(grad_W, V)  # (out,): Σ_t G ⊙ y0, as y0 = x V'^T
             if needs[4]:
-                grad_m = sum_G_y0 * inv_norm  # Eq. 7
+                grad_m = (sum_G_y0 / norm).masked_fill_(zero, 0)  # Eq. 7
                 grad_m = grad_m if grad_m.dtype == magnitude.dtype else grad_m.to(magnitude.dtype)
             grad_V = grad_W.mul_((s * c)[:, None])  # (out, in): s·∂L/∂V', Eq. 11
             if not ctx.detach_norm:  # Eq. 6: ∂L/∂V'_j += (∂L/∂‖V'_j‖) V'_j/‖V'_j‖
-                grad_norm = -c * sum_G_y0 * inv_norm  # (out,)
-                grad_V.addcmul_(V * inv_norm[:, None], (s * grad_norm)[:, None])
+                grad_norm = (-c * sum_G_y0 / norm).masked_fill_(zero, 0)  # (out,)
+                unit = (V / norm[:, None]).masked_fill_(zero[:, None], 0)  # V̂ (out, in)
+                grad_V.addcmul_(unit, (s * grad_norm)[:, None])
             grad_A = lora_B.T @ grad_V if needs[2] else None  # (r, in): s·B^T ∂L/∂V'
             grad_B = grad_V @ lora_A.T if needs[3] else None  # (out, r): s·∂L/∂V' A^T
         if needs[5]:
@@ -470,6 +477,13 @@ def autocast_dtype(x):
             and torch.is_autocast_enabled(x.device.type)):
         return torch.get_autocast_dtype(x.device.type)
     return None
+
+
+def autocast_may_be_on(x):
+    """A quick no for the usual call, before autocast_dtype looks at x's device: torch's one
+    check covers CPU, CUDA and most devices, but not MPS and MAIA (torch 2.13)."""
+    return (torch._C._is_any_autocast_enabled()
+            or getattr(x, "is_mps", False) or getattr(x, "is_maia", False))
 
 
 def _caster(dtype):

@@ -20,8 +20,8 @@ from torch.nn import functional as F
 from .base import AdaptedLayer
 from .checks import check_positive_int
 from .functional import (_divide_or_zero, adapted_row_norm, apply_dora_function, autocast_dtype,
-                         check_functional_arguments, dora_linear, lora_forward, lora_linear,
-                         merged_weight, scale_outputs)
+                         autocast_may_be_on, check_functional_arguments, dora_linear,
+                         lora_forward, lora_linear, merged_weight, scale_outputs)
 
 
 class DoRALinear(AdaptedLayer):
@@ -87,9 +87,12 @@ class DoRALinear(AdaptedLayer):
 
     def forward(self, x):
         parameters = self._parameters  # (read once: nn.Module's attribute lookup is slow)
-        W, A, B, m, bias = (parameters["weight"], parameters["lora_A"], parameters["lora_B"],
-                            parameters["magnitude"], parameters["bias"])
-        if torch._C._is_any_autocast_enabled() and autocast_dtype(x) is not None:
+        try:
+            W, A, B, m, bias = (parameters["weight"], parameters["lora_A"], parameters["lora_B"],
+                                parameters["magnitude"], parameters["bias"])
+        except KeyError:  # torch.nn.utils.parametrize made one of them a computed attribute
+            W, A, B, m, bias = self.weight, self.lora_A, self.lora_B, self.magnitude, self.bias
+        if autocast_may_be_on(x) and autocast_dtype(x) is not None:
             return self._autocast_forward(x, W, A, B, m, bias)
         s = self.scaling
         if not self._well_formed(x, W, A, B, m, bias, s):

@@ -571,6 +571,8 @@ def test_each_call_takes_the_route_forms_merged_weight_names(monkeypatch):
     assert route(layer, torch.randn(2**26 // 30 + 1, 6)) == "DoRAFunctionBackward"
     assert route(trained_layer(lora_dropout=0.5), x.double()) == "DoRAFunctionBackward"
     assert route(trained_layer(torch.bfloat16), x.bfloat16()) == "DoRAFunctionBackward"
+    # W' (out·in) larger than x and y together: a big layer on few tokens keeps no (out, in)
+    assert route(DoRALinear(256, 256, 4, 4), torch.randn(2, 256)) == "DoRAFunctionBackward"
     params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
 
     def loss(p):
@@ -610,3 +612,69 @@ def test_activation_checkpointing_and_saved_tensor_hooks_keep_the_gradients(deta
                                                detach_norm))
     for a, b in zip(plain, textbook):
         assert rel_error(a.numpy(), b.numpy()) < 1e-12
+
+
+@pytest.mark.usefixtures("dora_path")
+@pytest.mark.parametrize("dtype, tiny", [(torch.float32, 1e-39), (torch.float64, 1e-309)])
+def test_a_row_of_subnormal_norm_keeps_its_scale(dtype, tiny):
+    """With one input feature ‖V'‖ can be subnormal (1/‖V'‖ overflows): c = m/‖V'‖ is still
+    1 when m = ‖W0‖, on both routes, as in the textbook."""
+    weight = torch.full((1, 1), tiny, dtype=dtype)
+    A, B = (torch.zeros(1, 1, dtype=dtype, requires_grad=True) for _ in range(2))
+    m = weight.norm(dim=1).clone().requires_grad_()
+    x = torch.ones(3, 1, dtype=dtype)
+    y = dora_linear(x, weight, A, B, m, 1.0)
+    (grad_m,) = torch.autograd.grad(y.sum(), m)
+    assert torch.equal(y, x * tiny) and grad_m.item() == 3.0
+
+
+@pytest.mark.usefixtures("dora_path")
+def test_a_zero_row_gives_its_bias_whatever_its_magnitude():
+    """The zero-row rule (c = 0 where ‖V'‖_c = 0) holds on both routes, even for a magnitude of
+    nan or inf, so the routes never disagree."""
+    layer = trained_layer(torch.float32)
+    with torch.no_grad():
+        layer.weight[0] = 0
+        layer.lora_B[0] = 0
+        layer.magnitude[0] = float("nan")
+        layer.magnitude[1] = float("inf")
+    x = torch.randn(4, 6, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert torch.equal(y[:, 0], layer.bias[0].expand(4)) and layer.magnitude.grad[0] == 0
+    assert not torch.isfinite(y[:, 1]).any()  # an infinite magnitude on a nonzero row shows
+    assert torch.isfinite(y[:, 2:]).all()
+
+
+def test_autocast_is_noticed_on_every_device_type():
+    """torch's quick check covers CPU and CUDA but not MPS (torch 2.13): an MPS tensor is asked
+    about autocast anyway (a stand-in here: this machine has no MPS)."""
+    from dora_minimal.functional import autocast_may_be_on
+
+    class MPSTensor:
+        is_mps = True
+    x = torch.randn(2, 3)
+    assert not autocast_may_be_on(x) and autocast_may_be_on(MPSTensor())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_may_be_on(x)
+
+
+def test_a_parametrized_adapter_is_used_as_parametrized():
+    """torch.nn.utils.parametrize turns lora_B into a computed attribute; the layer then reads
+    it as such (as it reads a plain parameter otherwise)."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, B):
+            return 2 * B
+    layer = trained_layer()
+    doubled = fresh_copy(layer)
+    with torch.no_grad():
+        doubled.lora_B.mul_(2)
+    parametrize.register_parametrization(layer, "lora_B", Doubled())
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert torch.allclose(layer(x), doubled(x), rtol=1e-12, atol=0)
+    layer(x).sum().backward()
+    doubled(x).sum().backward()
+    original = layer.parametrizations.lora_B.original
+    assert torch.allclose(original.grad, 2 * doubled.lora_B.grad, rtol=1e-12, atol=0)
