@@ -35,6 +35,8 @@ second hand-written Function, DoRASmallStep: it forms W' = c ⊙ V' itself and m
 x W'^T, as the textbook does, with its backward through ∂L/∂W' = G^T x.
 """
 
+import math
+
 import torch
 from torch.nn import functional as F
 
@@ -49,11 +51,16 @@ def accumulation_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _zero_as_infinity(norm):
+    """norm with ∞ where it is 0. Dividing by it gives 0 for a zero row (the zero-row rule), and
+    nan where the numerator is itself inf or nan, which so stays visible."""
+    return norm.masked_fill(norm.logical_not(), math.inf)
+
+
 def _divide_or_zero(numerator, denominator):
-    """numerator / denominator, and 0 where the denominator is 0 (the zero-row rule)."""
-    if plain_eager():
-        return (numerator / denominator).masked_fill_(denominator == 0, 0)
-    return torch.where(denominator != 0, numerator / denominator, 0.0)
+    """numerator / denominator, and 0 where the denominator is 0 (the zero-row rule) unless the
+    numerator is inf or nan."""
+    return numerator / _zero_as_infinity(denominator)
 
 
 def plain_eager(tensor=None):
@@ -140,8 +147,8 @@ def norm_backward(grad_norm, weight, lora_A, lora_B, scaling, norm):
     grad_A, grad_B = 0, []
     for rows in _row_blocks(*weight.shape):
         V = adapted_rows(weight, lora_A, lora_B, scaling, rows)  # (rows, in)
-        norm_rows = norm[rows, None].clamp_min(torch.finfo(acc).tiny)  # (rows, 1)
-        unit = V.div_(norm_rows) if plain_eager() else V / norm_rows  # V̂
+        norm_rows = _zero_as_infinity(norm[rows, None])  # (rows, 1)
+        unit = V.div_(norm_rows) if plain_eager() else V / norm_rows  # V̂, 0 for a zero row
         weighted = scaling * grad_norm[rows, None]  # (rows, 1)
         grad_B.append(weighted * (unit @ A.T))  # (rows, r)
         grad_A = grad_A + (weighted * B[rows]).T @ unit  # (r, in)
@@ -283,17 +290,17 @@ class DoRASmallStep(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm):
         V = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # (out, in): Eq. 5
         norm = torch.linalg.vector_norm(V, dim=1)  # (out,): ‖V'‖_c
-        zero = norm.logical_not()  # (out,): the zero rows, whose c (and gradients) are 0
+        norm.masked_fill_(norm.logical_not(), math.inf)  # dividing by ∞: the zero-row rule
         m = magnitude if magnitude.dtype == V.dtype else magnitude.to(V.dtype)
-        c = (m / norm).masked_fill_(zero, 0)  # (out,)
+        c = m / norm  # (out,)
         W = V * c[:, None]  # (out, in): Eq. 5, W' = m · V'/‖V'‖_c
-        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, V, W, c, norm, zero)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, V, W, c, norm)
         ctx.scaling, ctx.detach_norm = scaling, detach_norm
         return F.linear(x, W, bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, magnitude, V, W, c, norm, zero = ctx.saved_tensors
+        x, weight, lora_A, lora_B, magnitude, V, W, c, norm = ctx.saved_tensors
         s, needs = ctx.scaling, ctx.needs_input_grad
         out_features, in_features = W.shape
         x2 = x if x.dim() == 2 else x.reshape(-1, in_features)  # (T, in)
@@ -312,12 +319,12 @@ class DoRASmallStep(torch.autograd.Function):
             grad_W = G.T @ x2  # (out, in): ∂L/∂W'
             sum_G_y0 = torch.linalg.vecdot(grad_W, V)  # (out,): Σ_t G ⊙ y0, as y0 = x V'^T
             if needs[4]:
-                grad_m = (sum_G_y0 / norm).masked_fill_(zero, 0)  # Eq. 7
+                grad_m = sum_G_y0 / norm  # Eq. 7
                 grad_m = grad_m if grad_m.dtype == magnitude.dtype else grad_m.to(magnitude.dtype)
             grad_V = grad_W.mul_((s * c)[:, None])  # (out, in): s·∂L/∂V', Eq. 11
             if not ctx.detach_norm:  # Eq. 6: ∂L/∂V'_j += (∂L/∂‖V'_j‖) V'_j/‖V'_j‖
-                grad_norm = (-c * sum_G_y0 / norm).masked_fill_(zero, 0)  # (out,)
-                unit = (V / norm[:, None]).masked_fill_(zero[:, None], 0)  # V̂ (out, in)
+                grad_norm = -c * sum_G_y0 / norm  # (out,)
+                unit = V / norm[:, None]  # V̂ (out, in), 0 for a zero row
                 grad_V.addcmul_(unit, (s * grad_norm)[:, None])
             grad_A = lora_B.T @ grad_V if needs[2] else None  # (r, in): s·B^T ∂L/∂V'
             grad_B = grad_V @ lora_A.T if needs[3] else None  # (out, r): s·∂L/∂V' A^T

@@ -17,7 +17,8 @@ Shapes follow torch.nn.Linear: a weight is (out, in) and y = x W^T + b.
 
 Zero rows. A row of V' that is exactly zero (a dead output unit) has no direction. We define its
 direction, its scale m/‖V'‖_c and every gradient through its norm as 0, so the unit stays dead
-(its output is its bias) and nothing becomes NaN or inf.
+(its output is its bias) and nothing becomes NaN or inf, unless m itself is (then that row
+is NaN, as any other row would be).
 
 Everything here is float64 by default (float32 is accepted) and materializes (out, in) matrices:
 it is the readable reference. dora_minimal.functional computes the same without them.
@@ -35,10 +36,9 @@ check_dora_arguments = partial(check_dora_arguments, array_type=np.ndarray)
 
 
 def _divide_or_zero(numerator, denominator):
-    """numerator / denominator where denominator != 0, and 0 where it is 0 (the zero-row rule)."""
-    numerator, denominator = np.broadcast_arrays(numerator, denominator)
-    out = np.zeros(numerator.shape, dtype=np.result_type(numerator, denominator))
-    return np.divide(numerator, denominator, out=out, where=denominator != 0)
+    """numerator / denominator, a zero denominator counting as ∞: 0 where it is 0 (the zero-row
+    rule), unless the numerator is inf or nan (then nan, which stays visible)."""
+    return numerator / np.where(denominator == 0, np.inf, denominator)
 
 
 def row_norm(W):

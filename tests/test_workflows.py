@@ -3,9 +3,11 @@ under cancellation, torch.func, double backward, torch.compile, torch.export, th
 FSDP2. Each expected value comes from a freshly built layer or from plain autograd on the textbook
 formula in float64."""
 
+import math
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -615,35 +617,52 @@ def test_activation_checkpointing_and_saved_tensor_hooks_keep_the_gradients(deta
 
 
 @pytest.mark.usefixtures("dora_path")
+@pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
 @pytest.mark.parametrize("dtype, tiny", [(torch.float32, 1e-39), (torch.float64, 1e-309)])
-def test_a_row_of_subnormal_norm_keeps_its_scale(dtype, tiny):
+def test_a_row_of_subnormal_norm_keeps_its_scale(dtype, tiny, detach_norm):
     """With one input feature ‖V'‖ can be subnormal (1/‖V'‖ overflows): c = m/‖V'‖ is still
-    1 when m = ‖W0‖, on both routes, as in the textbook."""
+    1 when m = ‖W0‖, on both routes, as in the textbook. There W' = m·sign(V'), so the exact
+    gradient reaching V' (and A, B) is 0, and the detached one is c·∂L/∂W'."""
     weight = torch.full((1, 1), tiny, dtype=dtype)
-    A, B = (torch.zeros(1, 1, dtype=dtype, requires_grad=True) for _ in range(2))
+    A, B = (torch.full((1, 1), tiny ** 0.5 / 4, dtype=dtype, requires_grad=True)
+            for _ in range(2))  # s·B A = tiny / 16: V' stays subnormal
     m = weight.norm(dim=1).clone().requires_grad_()
     x = torch.ones(3, 1, dtype=dtype)
-    y = dora_linear(x, weight, A, B, m, 1.0)
-    (grad_m,) = torch.autograd.grad(y.sum(), m)
-    assert torch.equal(y, x * tiny) and grad_m.item() == 3.0
+    y = dora_linear(x, weight, A, B, m, 1.0, detach_norm=detach_norm)
+    grad_A, grad_B, grad_m = torch.autograd.grad(y.sum(), (A, B, m))
+    V = tiny * 17 / 16
+    assert torch.allclose(y, x * tiny, rtol=1e-6, atol=0) and grad_m.item() == 3.0
+    detached = (tiny ** 0.5 / 4) * (tiny / V) * 3  # s·B^T c ∂L/∂W', c = m/V', ∂L/∂W' = Σx
+    if detach_norm:
+        assert rel_error(grad_A.numpy(), np.array([[detached]])) < 1e-6
+    else:  # 0 up to the rounding of subnormal numbers
+        assert abs(grad_A.item()) < 1e-6 * detached and abs(grad_B.item()) < 1e-6 * detached
 
 
 @pytest.mark.usefixtures("dora_path")
-def test_a_zero_row_gives_its_bias_whatever_its_magnitude():
-    """The zero-row rule (c = 0 where ‖V'‖_c = 0) holds on both routes, even for a magnitude of
-    nan or inf, so the routes never disagree."""
+@pytest.mark.parametrize("m0", [1.5, 0.0, float("nan"), float("inf")])
+def test_a_zero_row_gives_its_bias_and_a_broken_magnitude_shows(m0):
+    """The zero-row rule (c = m/‖V'‖_c is 0 where ‖V'‖_c = 0) on both routes, training and
+    eval: the row gives its bias and its magnitude no gradient; a nan or inf magnitude there
+    gives nan, as it does on any other row, instead of hiding behind the rule."""
     layer = trained_layer(torch.float32)
     with torch.no_grad():
         layer.weight[0] = 0
         layer.lora_B[0] = 0
-        layer.magnitude[0] = float("nan")
-        layer.magnitude[1] = float("inf")
+        layer.magnitude[0] = m0
     x = torch.randn(4, 6, requires_grad=True)
     y = layer(x)
     y.sum().backward()
-    assert torch.equal(y[:, 0], layer.bias[0].expand(4)) and layer.magnitude.grad[0] == 0
-    assert not torch.isfinite(y[:, 1]).any()  # an infinite magnitude on a nonzero row shows
-    assert torch.isfinite(y[:, 2:]).all()
+    with torch.no_grad():
+        y_eval = layer.eval()(x)
+    for out in (y, y_eval):
+        assert torch.isfinite(out[:, 1:]).all()
+        if math.isfinite(m0):
+            assert torch.equal(out[:, 0], layer.bias[0].expand(4))
+        else:
+            assert out[:, 0].isnan().all()
+    if math.isfinite(m0):
+        assert layer.magnitude.grad[0] == 0 and torch.isfinite(layer.lora_A.grad).all()
 
 
 def test_autocast_is_noticed_on_every_device_type():
