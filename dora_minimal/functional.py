@@ -274,7 +274,7 @@ class DoRASmallStep(torch.autograd.Function):
 
     Backward goes through ∂L/∂W' = G^T x (out, in):
         Eq. 7   ∂L/∂m = rowsum(∂L/∂W' ⊙ V') / ‖V'‖_c
-        Eq. 11  s·∂L/∂V' = s·c ⊙ ∂L/∂W', ∂L/∂A = B^T (s·∂L/∂V'), ∂L/∂B = (s·∂L/∂V') A^T
+        Eq. 11  ∂L/∂V' = c ⊙ ∂L/∂W', ∂L/∂A = s·B^T ∂L/∂V', ∂L/∂B = s·∂L/∂V' A^T
         Eq. 6   exact mode adds (∂L/∂‖V'‖_c) ⊙ V̂ to ∂L/∂V', ∂L/∂‖V'‖_c = -c ⊙ rowsum(∂L/∂W' ⊙ V')
                 / ‖V'‖_c
         ∂L/∂x = G W'
@@ -292,8 +292,8 @@ class DoRASmallStep(torch.autograd.Function):
         norm = torch.linalg.vector_norm(V, dim=1)  # (out,): ‖V'‖_c
         norm.masked_fill_(norm.logical_not(), math.inf)  # dividing by ∞: the zero-row rule
         m = magnitude if magnitude.dtype == V.dtype else magnitude.to(V.dtype)
-        c = m / norm  # (out,)
-        W = V * c[:, None]  # (out, in): Eq. 5, W' = m · V'/‖V'‖_c
+        c = (m / norm)[:, None]  # (out, 1): c = m/‖V'‖_c, a column
+        W = V * c  # (out, in): Eq. 5, W' = m · V'/‖V'‖_c
         ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, V, W, c, norm)
         ctx.scaling, ctx.detach_norm = scaling, detach_norm
         return F.linear(x, W, bias)  # (..., out)
@@ -321,13 +321,16 @@ class DoRASmallStep(torch.autograd.Function):
             if needs[4]:
                 grad_m = sum_G_y0 / norm  # Eq. 7
                 grad_m = grad_m if grad_m.dtype == magnitude.dtype else grad_m.to(magnitude.dtype)
-            grad_V = grad_W.mul_((s * c)[:, None])  # (out, in): s·∂L/∂V', Eq. 11
+            grad_V = grad_W.mul_(c)  # (out, in): ∂L/∂V' = c ⊙ ∂L/∂W', Eq. 11
             if not ctx.detach_norm:  # Eq. 6: ∂L/∂V'_j += (∂L/∂‖V'_j‖) V'_j/‖V'_j‖
-                grad_norm = -c * sum_G_y0 / norm  # (out,)
-                unit = V / norm[:, None]  # V̂ (out, in), 0 for a zero row
-                grad_V.addcmul_(unit, (s * grad_norm)[:, None])
-            grad_A = lora_B.T @ grad_V if needs[2] else None  # (r, in): s·B^T ∂L/∂V'
-            grad_B = grad_V @ lora_A.T if needs[3] else None  # (out, r): s·∂L/∂V' A^T
+                grad_norm = -c[:, 0] * sum_G_y0 / norm  # (out,)
+                grad_V.addcmul_(V / norm[:, None], grad_norm[:, None])  # V̂ is 0 on zero rows
+            # ∂L/∂A = s·B^T ∂L/∂V' (r, in) and ∂L/∂B = s·∂L/∂V' A^T (out, r), the s taken
+            # inside the product (beta=0: the first argument only gives the shape)
+            if needs[2]:
+                grad_A = torch.addmm(lora_A, lora_B.T, grad_V, beta=0, alpha=s)
+            if needs[3]:
+                grad_B = torch.addmm(lora_B, grad_V, lora_A.T, beta=0, alpha=s)
         if needs[5]:
             grad_bias = G.sum(0)
         return grad_x, None, grad_A, grad_B, grad_m, grad_bias, None, None
