@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from .checks import (check_bool, check_dropout, check_positive, check_positive_int,
@@ -281,8 +282,11 @@ def reset_magnitude(model):
     merged = [name for name, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"reset_magnitude: layers {merged} are merged; unmerge() them first")
-    for _, layer in layers:
-        layer.reset_magnitude()
+    norms = [(layer, layer._weight_norm()) for _, layer in layers]  # all checked first
+    with torch.no_grad():
+        for layer, norm in norms:
+            if norm is not None:
+                layer.magnitude.copy_(norm)
     return model
 
 

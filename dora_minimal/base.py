@@ -16,10 +16,33 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .checks import check_bool, check_dropout, check_positive, check_rank
-from .functional import _divide_or_zero, accumulation_dtype, adapted_row_norm
+from .functional import _divide_or_zero, _row_blocks, accumulation_dtype, adapted_row_norm
 from .scale import dora_scale
+
+
+def _check_row_norms(owner, weight, norm):
+    """Raise where ‖W0‖_c as forward computes it (squares summed in float32, or float64) is off
+    by more than 0.1% from the row's norm computed with each row scaled by its largest entry:
+    entries so small that their squares underflow, or so large that they overflow. Forward would
+    take such a row for a zero row (c = 0), or give it c = 0 from an infinite norm, silently."""
+    tiny, off = torch.finfo(norm.dtype).tiny, []
+    for rows in _row_blocks(*weight.shape):
+        block = weight[rows].to(norm.dtype)  # (rows, in)
+        scale = block.abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # (rows, 1)
+        true = torch.linalg.vector_norm(block / scale, dim=1) * scale[:, 0]  # (rows,)
+        off += (torch.nonzero((norm[rows] - true).abs() > 1e-3 * true).flatten()
+                + rows.start).tolist()
+    if off:
+        example = weight[off[0]].abs().amax().item()
+        raise ValueError(
+            f"{owner}: the norms of weight rows {off[:8]}{' ...' if len(off) > 8 else ''} "
+            f"cannot be computed in {norm.dtype}: entries of size {example:.1e} have squares "
+            f"that underflow or overflow, so DoRA would take these rows for zero rows or give "
+            f"them an infinite norm. Rescale those rows, or use the layer in float64 "
+            f"(.double())")
 
 
 class AdaptedLayer(nn.Module):
@@ -213,9 +236,11 @@ class AdaptedLayer(nn.Module):
         """A Kaiming-uniform (a = sqrt(5)), B = 0, m = ‖W0‖_c: the layer equals the base layer."""
         if self.merged:
             raise ValueError("reset_adapter(): the layer is merged; call unmerge() first")
+        norm = self._weight_norm()  # (checked before anything changes)
         with torch.no_grad():
             self._init_adapter()
-        self.reset_magnitude()
+            if norm is not None:
+                self.magnitude.copy_(norm)
 
     def _init_adapter(self):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -226,12 +251,24 @@ class AdaptedLayer(nn.Module):
         pretrained weights into a layer that already has its adapter."""
         if self.merged:
             raise ValueError("reset_magnitude(): the layer is merged; call unmerge() first")
-        if self.magnitude is not None:
-            with torch.no_grad():  # ‖W0 + s·B A‖_c as forward computes it, with B = 0
-                A, B = self._lora_views()
-                norm = adapted_row_norm(self._weight_view(self.weight), A, torch.zeros_like(B),
-                                        self.scaling)
+        norm = self._weight_norm()
+        if norm is not None:
+            with torch.no_grad():
                 self.magnitude.copy_(norm)
+
+    def _weight_norm(self):
+        """‖W0‖_c (out,) as forward computes it (‖W0 + s·B A‖_c with B = 0), None for LoRA;
+        a ValueError where forward cannot compute it (_check_row_norms)."""
+        if self.magnitude is None:
+            return None
+        with torch.no_grad():
+            A, B = self._lora_views()  # (zeros like them: A may not be initialized yet)
+            weight = self._weight_view(self.weight)
+            norm = adapted_row_norm(weight, torch.zeros_like(A), torch.zeros_like(B),
+                                    self.scaling)
+            if not norm.is_meta:
+                _check_row_norms(type(self).__name__, weight, norm)
+        return norm
 
     # --- no cache: every value derived from the parameters is computed when it is used --------
 
@@ -324,6 +361,10 @@ class AdaptedLayer(nn.Module):
         it."""
         if self.merged:
             raise ValueError("merge(): the layer is already merged; call unmerge() first")
+        if parametrize.is_parametrized(self, "weight"):
+            raise ValueError(f"merge(): the weight is parametrized (torch.nn.utils.parametrize), "
+                             f"so W' cannot be written into it; use {self._to_plain_name} for "
+                             f"a merged copy")
         W, norm = self._merge_math()
         if norm is not None:
             erased = torch.nonzero((self.magnitude == 0) & (norm > 0)).flatten().tolist()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 
 from .adapters import LoraConfig, inject_adapters, merge_adapters, trainable_parameters
 from .analysis import correlation, decomposition_by_layer, effective_weights
@@ -113,16 +114,21 @@ def checkpoint_steps(steps, count):
     return [round(k * steps / count) for k in range(1, count + 1)]
 
 
+def fused_adam_available(parameters):
+    """Whether this torch has the fused Adam for every parameter's device (it checks only at
+    the first step, so ask first)."""
+    devices = getattr(torch_optimizer, "_get_fused_kernels_supported_devices", None)
+    return devices is not None and all(p.device.type in devices() for p in parameters)
+
+
 def train(model, data, steps, lr, batch, generator, on_step=None):
     """Adam (no weight decay) on the mean squared error over random mini-batches;
     on_step(step, batch loss) after every step. Returns the batch losses."""
     x, y = data
     parameters = [p for p in model.parameters() if p.requires_grad]
-    try:  # one fused kernel for all parameters: at toy sizes the for-loop Adam's dozen small
-        # operations per parameter took a third of each step (chapter 8)
-        optimizer = torch.optim.Adam(parameters, lr=lr, fused=True)
-    except RuntimeError:  # a torch without the fused Adam for this device
-        optimizer = torch.optim.Adam(parameters, lr=lr)
+    # one fused kernel for all parameters where torch has it for their device: at toy sizes
+    # the for-loop Adam's dozen small operations per parameter took a third of each step
+    optimizer = torch.optim.Adam(parameters, lr=lr, fused=fused_adam_available(parameters))
     model.train()
     losses = []
     for step in range(1, steps + 1):

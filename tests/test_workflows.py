@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.func import functional_call, grad, jacrev, vmap
 
 import dora_minimal as dm
@@ -697,3 +698,72 @@ def test_a_parametrized_adapter_is_used_as_parametrized():
     doubled(x).sum().backward()
     original = layer.parametrizations.lora_B.original
     assert torch.allclose(original.grad, 2 * doubled.lora_B.grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("size", [1e-25, 1e20])
+def test_weight_rows_whose_norm_float32_cannot_compute_are_refused(size):
+    """Entries of 1e-25 (squares underflow) or 1e20 (squares overflow): forward's float32 norm
+    would be 0 or inf, and DoRA would silently give the row c = 0. Wrapping refuses, naming the
+    row; the model stays as it was; in float64 the same weights work."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight[1] = size
+    with pytest.raises(ValueError, match=r"rows \[1\].*float64"):
+        dm.get_peft_model(model, dm.LoraConfig(r=2, lora_alpha=4, target_modules=["0"],
+                                               use_dora=True))
+    assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
+    layer = DoRALinear.from_linear(model[0].double(), 2, 4.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    expected = dm.reference.forward(x.numpy(), layer.weight.numpy(), layer.lora_A.detach().numpy(),
+                                    layer.lora_B.detach().numpy(),
+                                    layer.magnitude.detach().numpy(), layer.scaling,
+                                    layer.bias.detach().numpy())
+    assert rel_error(layer(x).detach().numpy(), expected) < 1e-12
+
+
+def test_reset_magnitude_checks_every_layer_before_changing_any():
+    model = dm.get_peft_model(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)),
+                              dm.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"],
+                                            use_dora=True))
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+        model[1].weight[0] = 1e-25
+    before = [layer.magnitude.detach().clone() for layer in model]
+    with pytest.raises(ValueError, match=r"rows \[0\]"):
+        dm.reset_magnitude(model)
+    assert all(torch.equal(layer.magnitude, m) for layer, m in zip(model, before))
+
+
+def test_merge_refuses_a_parametrized_weight():
+    """merge() writes W' into the weight; a parametrized weight is computed, so the write would
+    be lost while the layer called itself merged."""
+    class Doubled(nn.Module):
+        def forward(self, W):
+            return 2 * W
+    layer = trained_layer().eval()
+    parametrize.register_parametrization(layer, "weight", Doubled())
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+        with pytest.raises(ValueError, match="parametrized"):
+            layer.merge()
+        assert not layer.merged and torch.equal(layer(x), y)
+        assert torch.allclose(layer.to_linear()(x), y, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("devices", [lambda: ["cuda"], None], ids=["no-cpu", "no-function"])
+def test_the_toy_trains_with_the_default_adam_where_fused_is_missing(monkeypatch, devices):
+    """torch checks a fused Adam's devices only at its first step: the toy asks first."""
+    from torch.optim import optimizer
+    from dora_minimal import toy
+    if devices is None:
+        monkeypatch.delattr(optimizer, "_get_fused_kernels_supported_devices")
+    else:
+        monkeypatch.setattr(optimizer, "_get_fused_kernels_supported_devices", devices)
+    model = nn.Linear(4, 2)
+    data = (torch.randn(16, 4), torch.randn(16, 2))
+    losses = toy.train(model, data, 5, 1e-2, 4, torch.Generator().manual_seed(0))
+    assert len(losses) == 5 and all(math.isfinite(loss) for loss in losses)
