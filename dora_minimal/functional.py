@@ -181,10 +181,11 @@ def forms_merged_weight(x, x_adapter, weight):
     dropout (x_a = x). torch.compile and torch.func always take DoRAFunction (one path for all
     shapes); apply_dora_function asks this only for plain eager calls."""
     out_features, in_features = weight.shape
+    tokens_in = x.numel()  # tokens·in
     return (x_adapter is None and weight.dtype in (torch.float32, torch.float64)
-            and x.numel() * out_features <= SMALL_STEP
-            and out_features * in_features * in_features <= x.numel() * (in_features
-                                                                         + out_features))
+            and tokens_in * out_features <= SMALL_STEP
+            # out·in ≤ tokens·(in + out), both sides times in
+            and out_features * in_features**2 <= tokens_in * (in_features + out_features))
 
 
 class DoRAFunction(torch.autograd.Function):
