@@ -118,9 +118,16 @@ def dora_scale(y0, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
         raise ValueError(f"y0: expected {weight.shape[0]} channels (weight's out) in dim "
                          f"{channel} (then {trailing_dims} trailing dims), got shape "
                          f"{tuple(y0.shape)}")
+    args = (y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm, trailing_dims)
     if autocast_dtype(y0) is not None:
         with torch.autocast(y0.device.type, enabled=False):
-            return DoRAScale.apply(y0, weight, lora_A, lora_B, magnitude, bias, scaling,
-                                   detach_norm, trailing_dims)[0]
-    return DoRAScale.apply(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
-                           trailing_dims)[0]
+            return _apply(args)
+    return _apply(args)
+
+
+def _apply(args):
+    """DoRAScale.apply(*args)[0]; plain eager calls enter autograd's C++ side directly, without
+    Function.apply's binding of the arguments with inspect (as apply_dora_function does)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return DoRAScale.apply(*args)[0]
+    return super(torch.autograd.Function, DoRAScale).apply(*args)[0]
