@@ -431,18 +431,28 @@ def _backward_in_blocks(G, x2, xa2, weight, lora_A, lora_B, magnitude, c, norm, 
 
 def apply_dora_function(x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling,
                         detach_norm):
-    """y from DoRAFunction, or from DoRASmallStep for a small step in a plain eager call
-    (forms_merged_weight). Eager calls enter autograd's C++ side directly: Function.apply would
-    first bind the arguments to forward's signature with inspect, about 90 µs a call on a 2-core
-    CPU, more than a toy layer's whole forward."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return DoRAFunction.apply(x, x_adapter, weight, lora_A, lora_B, magnitude, bias,
-                                  scaling, detach_norm)[0]
-    if forms_merged_weight(x, x_adapter, weight):
+    """y from DoRAFunction, or from DoRASmallStep for a small step in an eager call
+    (forms_merged_weight), through autograd's C++ apply (apply_function)."""
+    if eager_call() and forms_merged_weight(x, x_adapter, weight):
         return super(torch.autograd.Function, DoRASmallStep).apply(
             x, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm)
-    return super(torch.autograd.Function, DoRAFunction).apply(
-        x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm)[0]
+    return apply_function(DoRAFunction, x, x_adapter, weight, lora_A, lora_B, magnitude, bias,
+                          scaling, detach_norm)[0]
+
+
+def eager_call():
+    """True outside torch.compile/export tracing and torch.func transforms: there a Function may
+    enter autograd's C++ apply directly. (plain_eager says more: whether buffers may be written.)"""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+
+
+def apply_function(function, *args):
+    """function.apply(*args), entering autograd's C++ side directly in eager calls: Function.apply
+    first binds the arguments to forward's signature with inspect, which torch.compile and
+    torch.func need, and which costs about 90 µs a call on a 2-core CPU."""
+    if eager_call():
+        return super(torch.autograd.Function, function).apply(*args)
+    return function.apply(*args)
 
 
 def _block_tokens(tokens, in_features, out_features):
@@ -483,7 +493,7 @@ def check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scali
 def autocast_dtype(x):
     """The dtype torch.autocast computes linear layers in on x's device, or None when it is off
     (or x is float64, which autocast leaves alone, as it does for nn.Linear)."""
-    if (isinstance(x, torch.Tensor) and x.dtype != torch.float64
+    if (autocast_may_be_on(x) and isinstance(x, torch.Tensor) and x.dtype != torch.float64
             and torch.amp.is_autocast_available(x.device.type)
             and torch.is_autocast_enabled(x.device.type)):
         return torch.get_autocast_dtype(x.device.type)
@@ -491,8 +501,9 @@ def autocast_dtype(x):
 
 
 def autocast_may_be_on(x):
-    """A quick no for the usual call, before autocast_dtype looks at x's device: torch's one
-    check covers CPU, CUDA and most devices, but not MPS and MAIA (torch 2.13)."""
+    """A quick no for the usual call, before autocast_dtype looks at x's device (which costs a
+    few µs a layer): torch's one check covers CPU, CUDA and most devices, but not MPS and MAIA
+    (torch 2.13)."""
     return (torch._C._is_any_autocast_enabled()
             or getattr(x, "is_mps", False) or getattr(x, "is_maia", False))
 

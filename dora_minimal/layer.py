@@ -20,8 +20,8 @@ from torch.nn import functional as F
 from .base import AdaptedLayer
 from .checks import check_positive_int
 from .functional import (_divide_or_zero, adapted_row_norm, apply_dora_function, autocast_dtype,
-                         autocast_may_be_on, check_functional_arguments, dora_linear,
-                         lora_forward, lora_linear, merged_weight, scale_outputs)
+                         check_functional_arguments, dora_linear, lora_forward, lora_linear,
+                         merged_weight, scale_outputs)
 
 
 class DoRALinear(AdaptedLayer):
@@ -92,15 +92,20 @@ class DoRALinear(AdaptedLayer):
                                 parameters["magnitude"], parameters["bias"])
         except KeyError:  # torch.nn.utils.parametrize made one of them a computed attribute
             W, A, B, m, bias = self.weight, self.lora_A, self.lora_B, self.magnitude, self.bias
-        if autocast_may_be_on(x) and autocast_dtype(x) is not None:
-            return self._autocast_forward(x, W, A, B, m, bias)
-        s = self.scaling
-        if not self._well_formed(x, W, A, B, m, bias, s):
-            s = check_functional_arguments(x, W, A, B, m, bias, s, self.use_dora)
+        autocast = autocast_dtype(x) is not None
+        if not autocast:  # (under autocast the functional forms below check, after casting)
+            s = self.scaling
+            if not self._well_formed(x, W, A, B, m, bias, s):
+                s = check_functional_arguments(x, W, A, B, m, bias, s, self.use_dora)
         if self.merged:
             self._warn_if_training_merged()
             return F.linear(x, W, bias)
         lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
+        if autocast:  # they compute in autocast's dtype; m, the norms and c stay float32
+            if not self.use_dora:
+                return lora_linear(x, W, A, B, self.scaling, bias, lora_input=lora_input)
+            return dora_linear(x, W, A, B, m, self.scaling, bias, self.detach_norm,
+                               lora_input=lora_input)
         if not self.use_dora:
             return lora_forward(x, W, A, B, s, bias, lora_input)
         if self.training or (torch.is_grad_enabled() and (
@@ -108,18 +113,6 @@ class DoRALinear(AdaptedLayer):
             # checked above: straight to the autograd.Function
             return apply_dora_function(x, lora_input, W, A, B, m, bias, s, self.detach_norm)
         return self._inference(x)
-
-    def _autocast_forward(self, x, W, A, B, m, bias):
-        """Under torch.autocast: the functional forms compute in autocast's dtype, as nn.Linear
-        would (m, the norms and c stay float32), and check their arguments after casting."""
-        if self.merged:
-            self._warn_if_training_merged()
-            return F.linear(x, W, bias)
-        lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
-        if not self.use_dora:
-            return lora_linear(x, W, A, B, self.scaling, bias, lora_input=lora_input)
-        return dora_linear(x, W, A, B, m, self.scaling, bias, self.detach_norm,
-                           lora_input=lora_input)
 
     def _well_formed(self, x, W, A, B, m, bias, scaling):
         """A quick yes for the usual call (x and the parameters as the layer made them); for

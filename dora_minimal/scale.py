@@ -21,7 +21,7 @@ The (out, in') views: a linear layer's W0 itself; a convolution's W0 flattened t
 import torch
 
 from .checks import check_dora_arguments
-from .functional import (_divide_or_zero, adapted_row_norm, autocast_dtype,
+from .functional import (_divide_or_zero, adapted_row_norm, apply_function, autocast_dtype,
                          magnitude_and_norm_path, plain_eager, scale_outputs)
 
 
@@ -121,13 +121,5 @@ def dora_scale(y0, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
     args = (y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm, trailing_dims)
     if autocast_dtype(y0) is not None:
         with torch.autocast(y0.device.type, enabled=False):
-            return _apply(args)
-    return _apply(args)
-
-
-def _apply(args):
-    """DoRAScale.apply(*args)[0]; plain eager calls enter autograd's C++ side directly, without
-    Function.apply's binding of the arguments with inspect (as apply_dora_function does)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return DoRAScale.apply(*args)[0]
-    return super(torch.autograd.Function, DoRAScale).apply(*args)[0]
+            return apply_function(DoRAScale, *args)[0]
+    return apply_function(DoRAScale, *args)[0]
