@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dora_minimal import bench, functional  # noqa: E402
+from dora_minimal import bench, routes  # noqa: E402
 
 
 def steps(device, out_features):
@@ -40,14 +40,14 @@ def time_and_memory(fn, device, repeat=30):
 def blocks(device, layers):
     module, x, grad_y = layers["dora"]
     step = bench.train_step(module, x, grad_y, [x, *module.parameters()])
-    chosen = functional._block_tokens
+    chosen = routes.block_tokens
     print(f"\n1. backward's token blocks ({x.shape[0]} tokens), DoRA fwd+bwd:")
     for label, size in (("as chosen", None), ("one block", x.shape[0]),
                         ("eighths", x.shape[0] // 8)):
-        functional._block_tokens = chosen if size is None else (lambda *a, size=size: size)
+        routes.block_tokens = chosen if size is None else (lambda *a, size=size: size)
         ms, mib = time_and_memory(step, device)
         print(f"   {label:<10} {ms:8.3f} ms {mib:8.1f} MiB")
-    functional._block_tokens = chosen
+    routes.block_tokens = chosen
 
 
 def graphs(layers):

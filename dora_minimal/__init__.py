@@ -12,8 +12,9 @@
 """
 
 from . import reference
-from .functional import DoRAFunction, dora_linear, lora_linear
-from .scale import DoRAScale, dora_scale
+from .core import DoRAFunction
+from .functional import dora_linear, lora_linear
+from .functional import dora_scale  # noqa: F811
 from .base import AdaptedLayer
 from .layer import DoRALinear
 from .conv import DoRAConv1d, DoRAConv2d, DoRAConv3d
@@ -27,7 +28,7 @@ from .saving import (adapter_state_dict, from_peft_state_dict, from_pretrained,
                      set_peft_model_state_dict, to_peft_state_dict)
 from .analysis import decomposition_by_layer, effective_weights, magnitude_direction_change
 
-__all__ = ["reference", "DoRAFunction", "dora_linear", "lora_linear", "DoRALinear", "DoRAScale",
+__all__ = ["reference", "DoRAFunction", "dora_linear", "lora_linear", "DoRALinear",
            "dora_scale", "AdaptedLayer", "DoRAConv1d", "DoRAConv2d", "DoRAConv3d", "DoRAEmbedding",
            "DoRAConv1D", "is_transformers_conv1d", "LoraConfig",
            "inject_adapters", "get_peft_model", "merge_adapters", "merge_and_unload",

@@ -7,20 +7,22 @@ Each kind (DoRALinear, DoRAConv1d/2d/3d, DoRAEmbedding, DoRAConv1D) adds only it
 
 Shared here: the parameters (`weight`, `bias` frozen; `lora_A`, `lora_B`, `magnitude` trained),
 argument checks, reset, merge/unmerge, to_base() (the plain torch module holding W'), the merged
-state saved as extra state, the magnitude kept in float32 by .to(), the warnings, the forward of
-the new kinds (the base op under autograd, then dora_scale) and the mapping to PEFT's saved keys.
+state saved as extra state, the magnitude kept in float32 by .to(), the warnings, the forward
+(LoRA's output y0 from the layer's own ops under autograd, then dora_scale: dora_minimal.core)
+and the mapping to PEFT's saved keys.
 """
 
 import math
 import warnings
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .checks import check_bool, check_dropout, check_positive, check_rank
-from .functional import _divide_or_zero, _row_blocks, accumulation_dtype, adapted_row_norm
-from .scale import dora_scale
+from .core import accumulation_dtype, adapted_row_norm, divide_or_zero, row_blocks
+from .functional import autocast_dtype, dora_scale
 
 
 def _check_row_norms(owner, weight, norm):
@@ -29,7 +31,7 @@ def _check_row_norms(owner, weight, norm):
     entries so small that their squares underflow, or so large that they overflow. Forward would
     take such a row for a zero row (c = 0), or give it c = 0 from an infinite norm, silently."""
     tiny, off = torch.finfo(norm.dtype).tiny, []
-    for rows in _row_blocks(*weight.shape):
+    for rows in row_blocks(*weight.shape):
         block = weight[rows].to(norm.dtype)  # (rows, in)
         scale = block.abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # (rows, 1)
         true = torch.linalg.vector_norm(block / scale, dim=1) * scale[:, 0]  # (rows,)
@@ -56,6 +58,7 @@ class AdaptedLayer(nn.Module):
         _lora_views()       the (r, in') and (out, r) views of lora_A and lora_B (default: both)
         _base_op(x, W, b)   the layer's own op with weight W and bias b (or None)
         _lora_op(x)         B(A(x)), without the scaling
+        _check_input(x)     a clear error for an input of the wrong dtype or size
         _plain_module()     an empty plain torch module of the base's kind and settings
         _init_base()        the base's own weight init
     """
@@ -261,7 +264,10 @@ class AdaptedLayer(nn.Module):
         a ValueError where forward cannot compute it (_check_row_norms)."""
         if self.magnitude is None:
             return None
-        with torch.no_grad():
+        device = self.weight.device.type
+        # (autocast off: it would compute the norm in bf16; no_grad: nothing to record)
+        with torch.no_grad(), torch.autocast(device, enabled=False) if \
+                torch.amp.is_autocast_available(device) else nullcontext():
             A, B = self._lora_views()  # (zeros like them: A may not be initialized yet)
             weight = self._weight_view(self.weight)
             norm = adapted_row_norm(weight, torch.zeros_like(A), torch.zeros_like(B),
@@ -274,26 +280,17 @@ class AdaptedLayer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """.to(), .cuda(), .half(), to_empty(), ...: as nn.Module, except that the magnitude keeps
-        its float32 (float64) dtype: it follows the layer's device, never its rounding."""
-        magnitude = self._parameters.pop("magnitude")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            self._parameters["magnitude"] = magnitude
-        if magnitude is not None:
-            acc = accumulation_dtype(self.weight.dtype)
-            moved = fn(magnitude.detach())  # what nn.Module would hold: device, maybe dtype
-            if moved.dtype != acc:  # converted from the original, not from a rounded copy
-                moved = (moved.to(acc) if magnitude.is_meta or moved.is_meta
-                         else magnitude.detach().to(device=moved.device, dtype=acc))
-            grad = magnitude.grad
-            if torch._has_compatible_shallow_copy_type(magnitude, moved):  # as nn.Module does
-                magnitude.data = moved
-            else:  # e.g. to or from the meta device: a new Parameter
-                magnitude = self._parameters["magnitude"] = nn.Parameter(
-                    moved, magnitude.requires_grad)
-            if grad is not None:
-                magnitude.grad = grad.to(device=moved.device, dtype=acc)
+        its float32 (float64) dtype: it follows the layer's device, never its rounding. (The one
+        override of a private nn.Module method here; torch's own RNN modules override it too.)"""
+        before = None if self.magnitude is None else self.magnitude.detach()  # (fp32 values)
+        super()._apply(fn, recurse)
+        magnitude, acc = self.magnitude, accumulation_dtype(self.weight.dtype)
+        if magnitude is not None and magnitude.dtype != acc:
+            # converted from the values before, not from a rounded copy (none on meta)
+            source = magnitude if before.is_meta or magnitude.is_meta else before
+            magnitude.data = source.detach().to(device=magnitude.device, dtype=acc)
+            if magnitude.grad is not None:
+                magnitude.grad = magnitude.grad.to(acc)
         if self._merged_norm is not None:  # stays float64, follows the weight's device
             self._merged_norm = self._merged_norm.to(self.weight.device)
         return self
@@ -331,6 +328,7 @@ class AdaptedLayer(nn.Module):
     def forward(self, x):
         """y = c ⊙ (base(x; W0) + s·B(A(drop(x)))) + b with c = m / ‖V'‖_c (DoRA), or the
         LoRA output base(x; W0) + s·B(A(drop(x))) + b. Merged: base(x; W') + b."""
+        self._check_input(x)
         if self.merged:
             self._warn_if_training_merged()
             return self._base_op(x, self.weight, self.bias)
@@ -341,6 +339,26 @@ class AdaptedLayer(nn.Module):
         A, B = self._lora_views()
         return dora_scale(y0, self._weight_view(self.weight), A, B, self.magnitude, self.scaling,
                           self.bias, self.detach_norm, self.TRAILING_DIMS)
+
+    def _check_input(self, x):
+        """x: a dense tensor of the layer's dtype (any floating dtype under autocast) and input
+        size; a TypeError or ValueError naming the layer, what it expected and what it got,
+        before anything is computed."""
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor) or x.layout != torch.strided:
+            raise TypeError(f"x: {name} expected a dense torch.Tensor, got "
+                            f"{getattr(x, 'layout', type(x).__name__)}")
+        if x.dtype != self.weight.dtype and not (x.is_floating_point()
+                                                 and autocast_dtype(x) is not None):
+            raise TypeError(f"x: {name} expected dtype {self.weight.dtype} (its weight's), got "
+                            f"{x.dtype}; convert the input or the layer (.to(dtype))")
+        self._check_input_size(x, name)
+
+    def _check_input_size(self, x, name):
+        """A linear layer's: (..., in_features)."""
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: {name} expected a last dimension of {self.in_features} (its "
+                             f"in_features), got shape {tuple(x.shape)}")
 
     # --- merge --------------------------------------------------------------------------------
 
@@ -354,7 +372,7 @@ class AdaptedLayer(nn.Module):
             return V, None
         norm = torch.linalg.vector_norm(V, dim=1)  # (out,)
         m = self.magnitude.detach().double()
-        return _divide_or_zero(m, norm)[:, None] * V, norm  # Eq. 5: W' = m · V'/‖V'‖_c
+        return divide_or_zero(m, norm)[:, None] * V, norm  # Eq. 5: W' = m · V'/‖V'‖_c
 
     def merge(self):
         """Write W' into `weight` (the layer then runs as its plain base op); unmerge() undoes
@@ -395,7 +413,7 @@ class AdaptedLayer(nn.Module):
         W = self._weight_view(self.weight.detach().double())
         A, B = (t.detach().double() for t in self._lora_views())
         if self.use_dora:
-            ratio = _divide_or_zero(self._merged_norm.to(W.device), self.magnitude.detach()
+            ratio = divide_or_zero(self._merged_norm.to(W.device), self.magnitude.detach()
                                     .double())
             W = W * ratio[:, None]  # V' = W' · ‖V'‖_c / m
         W0 = torch.addmm(W, B, A, alpha=-self.scaling)  # W0 = V' - s·B A

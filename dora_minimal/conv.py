@@ -114,6 +114,14 @@ class _DoRAConvNd(AdaptedLayer):
         after_A = self.CONV(x, self.lora_A, None, self.stride, self.padding, self.dilation)
         return self.CONV(after_A, self.lora_B)  # the 1×1 convolution B
 
+    def _check_input_size(self, x, name):
+        """(batch, in_channels, *spatial) or (in_channels, *spatial), as the torch convolution."""
+        n = self.TRAILING_DIMS
+        if x.ndim not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
+            raise ValueError(f"x: {name} expected shape (batch, {self.in_channels}, "
+                             f"{n} spatial dims) or ({self.in_channels}, {n} spatial dims), "
+                             f"got {tuple(x.shape)}")
+
     def _peft_magnitude_shape(self, magnitude):
         return magnitude.reshape((1, -1) + (1,) * self.TRAILING_DIMS)  # (1, out, 1, ...)
 

@@ -15,6 +15,7 @@ rows). Dropout has no meaning on indices: lora_dropout is not applied (as PEFT).
 setting is kept for its own lookup; the adapter's gradients are dense.
 """
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
@@ -87,6 +88,13 @@ class DoRAEmbedding(AdaptedLayer):
 
     def _lora_op(self, x):
         return self._lookup(x, self.lora_A.T) @ self.lora_B.T  # A^T[x] B^T (..., embedding_dim)
+
+    def _check_input(self, x):
+        """x: a tensor of integer indices (the embedding's weight dtype does not apply)."""
+        if not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex() \
+                or x.dtype == torch.bool:
+            raise TypeError(f"x: DoRAEmbedding expected a tensor of integer indices, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
 
     def _adapter_input(self, x):
         return x  # no dropout on indices

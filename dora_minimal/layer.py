@@ -7,8 +7,9 @@ Parameters are named as in PEFT: `weight` and `bias` (frozen, copied from the pr
 `lora_A` (r, in), `lora_B` (out, r) and `magnitude` (out,). Dropout acts on the adapter branch
 only, so training costs no second base matmul and eval mode equals the merged layer (PEFT applies
 the scale to a dropped-out base branch too when dropout > 0; both agree when dropout is 0).
-What every adapted layer shares (reset, merge, state, PEFT keys) is in dora_minimal.base; the
-forward here is fused into one autograd.Function (dora_minimal.functional).
+What every adapted layer shares (reset, merge, state, PEFT keys, the input checks) is in
+dora_minimal.base. Its DoRA is dora_minimal.core's, by way of dora_linear, which may take one of
+the named routes of dora_minimal.routes (a toy model's steps take `merged_weight`).
 """
 
 import math
@@ -19,9 +20,8 @@ from torch.nn import functional as F
 
 from .base import AdaptedLayer
 from .checks import check_positive_int
-from .functional import (_divide_or_zero, adapted_row_norm, apply_dora_function, autocast_dtype,
-                         check_functional_arguments, dora_linear, lora_forward, lora_linear,
-                         merged_weight, scale_outputs)
+from .functional import (autocast_dtype, dora_linear, dora_linear_checked, lora_forward,
+                         lora_linear)
 
 
 class DoRALinear(AdaptedLayer):
@@ -83,40 +83,34 @@ class DoRALinear(AdaptedLayer):
         return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                          device=self.weight.device, dtype=self.weight.dtype)
 
+    def _lora_op(self, x):
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)  # (x A^T) B^T
+
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x):
-        parameters = self._parameters  # (read once: nn.Module's attribute lookup is slow)
-        try:
-            W, A, B, m, bias = (parameters["weight"], parameters["lora_A"], parameters["lora_B"],
-                                parameters["magnitude"], parameters["bias"])
-        except KeyError:  # torch.nn.utils.parametrize made one of them a computed attribute
-            W, A, B, m, bias = self.weight, self.lora_A, self.lora_B, self.magnitude, self.bias
-        autocast = autocast_dtype(x) is not None
-        if not autocast:  # (under autocast the functional forms below check, after casting)
-            s = self.scaling
-            if not self._well_formed(x, W, A, B, m, bias, s):
-                s = check_functional_arguments(x, W, A, B, m, bias, s, self.use_dora)
+        """AdaptedLayer's forward, written for nn.Linear: dora_linear (or lora_linear) on the
+        layer's parameters, after a quick check that they and x are as the layer made them."""
+        W, A, B, m, bias, s = (self.weight, self.lora_A, self.lora_B, self.magnitude, self.bias,
+                               self.scaling)
+        quick = autocast_dtype(x) is None and self._well_formed(x, W, A, B, m, bias)
+        if not quick:
+            self._check_input(x)  # names the layer; the functional forms check the rest
         if self.merged:
             self._warn_if_training_merged()
             return F.linear(x, W, bias)
-        lora_input = self.dropout(x) if self.training and self.lora_dropout > 0 else None
-        if autocast:  # they compute in autocast's dtype; m, the norms and c stay float32
+        x_a = self.dropout(x) if self.training and self.lora_dropout > 0 else None
+        if not quick:  # the functional forms check everything, and compute under autocast
             if not self.use_dora:
-                return lora_linear(x, W, A, B, self.scaling, bias, lora_input=lora_input)
-            return dora_linear(x, W, A, B, m, self.scaling, bias, self.detach_norm,
-                               lora_input=lora_input)
+                return lora_linear(x, W, A, B, s, bias, lora_input=x_a)
+            return dora_linear(x, W, A, B, m, s, bias, self.detach_norm, lora_input=x_a)
         if not self.use_dora:
-            return lora_forward(x, W, A, B, s, bias, lora_input)
-        if self.training or (torch.is_grad_enabled() and (
-                x.requires_grad or A.requires_grad or B.requires_grad or m.requires_grad)):
-            # checked above: straight to the autograd.Function
-            return apply_dora_function(x, lora_input, W, A, B, m, bias, s, self.detach_norm)
-        return self._inference(x)
+            return lora_forward(x, W, A, B, s, bias, x_a)
+        return dora_linear_checked(x, x_a, W, A, B, m, bias, s, self.detach_norm)
 
-    def _well_formed(self, x, W, A, B, m, bias, scaling):
+    def _well_formed(self, x, W, A, B, m, bias):
         """A quick yes for the usual call (x and the parameters as the layer made them); for
-        anything else check_functional_arguments decides and says what is wrong."""
+        anything else the functional forms decide and say what is wrong."""
         out_features, in_features, r = self.out_features, self.in_features, self.r
         dtype, device = W.dtype, W.device
         return (isinstance(x, torch.Tensor) and x.layout == torch.strided
@@ -129,19 +123,7 @@ class DoRALinear(AdaptedLayer):
                 and (bias is None or (bias.shape == (out_features,) and bias.dtype == dtype
                                       and bias.device == device))
                 and not (W.requires_grad and torch.is_grad_enabled())
-                and isinstance(scaling, float) and 0 < scaling < math.inf
                 and (m is not None) == self.use_dora)
-
-    def _inference(self, x):
-        """Eval mode without gradients. With at least as many tokens as input features, forming
-        W' = c ⊙ V' once (V' serving its own norm) is cheaper than scaling the (tokens, out)
-        output; with fewer, scale the output."""
-        if x.numel() // self.in_features >= self.in_features:
-            W = merged_weight(self.weight, self.lora_A, self.lora_B, self.magnitude, self.scaling)
-            return F.linear(x, W, self.bias)
-        norm = adapted_row_norm(self.weight, self.lora_A, self.lora_B, self.scaling)  # (out,)
-        y0 = lora_forward(x, self.weight, self.lora_A, self.lora_B, self.scaling)  # (..., out)
-        return scale_outputs(y0, _divide_or_zero(self.magnitude.to(norm.dtype), norm), self.bias)
 
     def to_linear(self):
         """A plain nn.Linear holding the merged weight W' and the bias; this layer is unchanged."""

@@ -197,12 +197,10 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-@pytest.fixture(scope="module", params=["small-step", "factored"])
+@pytest.fixture(scope="module", params=["core", "merged_weight", "blocked"])
 def dora_path(request):
-    """Runs a test with each of DoRAFunction's two paths: forming W' for small steps (as chosen
-    at these sizes) and the factored path that larger steps take."""
-    from dora_minimal import functional
-    saved = functional.SMALL_STEP
-    functional.SMALL_STEP = saved if request.param == "small-step" else -1
-    yield request.param
-    functional.SMALL_STEP = saved
+    """Runs a test once per route of dora_minimal.routes, forced by name (a call that a route
+    cannot serve, such as merged_weight under dropout or in bf16, takes the core)."""
+    from dora_minimal.routes import force_route
+    with force_route(request.param):
+        yield request.param

@@ -12,7 +12,8 @@ import pytest
 import torch
 from hypothesis import given
 
-from dora_minimal import dora_linear, functional, lora_linear, reference
+from dora_minimal import core, dora_linear, lora_linear, reference
+from dora_minimal.routes import force_route
 from dora_minimal.bench import PeakMemory
 from helpers import problems, rel_error
 
@@ -20,6 +21,13 @@ DATA = Path(__file__).parent / "data"
 pytestmark = pytest.mark.usefixtures("dora_path")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])]
+
+
+@pytest.fixture
+def blocked_route():
+    """The route of large linear steps, which these tests hold to its memory bounds."""
+    with force_route("blocked"):
+        yield
 
 
 def tensors(p, device="cpu", dtype=torch.float64, requires_grad=True):
@@ -132,9 +140,8 @@ def test_adapter_input_gets_its_own_gradient():
 @pytest.mark.parametrize("separate_adapter_input", [False, True])
 def test_backward_over_several_token_blocks_agrees_with_the_reference(detach_norm,
                                                                       separate_adapter_input,
-                                                                      monkeypatch):
+                                                                      blocked_route):
     """Backward forms its (tokens, out) temporaries in blocks of >= 512 tokens: 1500 make three."""
-    monkeypatch.setattr(functional, "SMALL_STEP", -1)  # the path of large steps
     rng = np.random.default_rng(4)
     x, xa, G = (rng.standard_normal((3, 500, 6)), rng.standard_normal((3, 500, 6)),
                 rng.standard_normal((3, 500, 5)))
@@ -167,12 +174,12 @@ def training_inputs(tokens, in_features, out_features, r):
 
 
 @pytest.mark.parametrize("detach_norm", [True, False])
-def test_forward_forms_v_prime_one_bounded_block_of_rows_at_a_time(monkeypatch, detach_norm):
+def test_forward_forms_v_prime_one_bounded_block_of_rows_at_a_time(monkeypatch, detach_norm,
+                                                                   blocked_route):
     """Forward's new tensors are y0 and y (T, out), pieces r wide or (out,) long, and one block of
     V' rows (16 rows here, where V' has 256): never V' (out, in) whole, 16 times y's size."""
     T, n_in, n_out, r = 16, 256, 256, 2
-    monkeypatch.setattr(functional, "NORM_BLOCK_ELEMENTS", 16 * n_in)
-    monkeypatch.setattr(functional, "SMALL_STEP", -1)  # the path of large steps
+    monkeypatch.setattr(core, "NORM_BLOCK_ELEMENTS", 16 * n_in)
     x, W0, A, B, m, _ = training_inputs(T, n_in, n_out, r)
     with PeakMemory() as memory:
         y = dora_linear(x, W0, A, B, m, 2.0, detach_norm=detach_norm)
@@ -182,13 +189,12 @@ def test_forward_forms_v_prime_one_bounded_block_of_rows_at_a_time(monkeypatch, 
 
 
 @pytest.mark.parametrize("detach_norm", [True, False])
-def test_backward_holds_one_block_of_tokens_at_a_time(detach_norm, monkeypatch):
+def test_backward_holds_one_block_of_tokens_at_a_time(detach_norm, blocked_route):
     """Backward's (T, out) temporaries are formed a block of tokens at a time, in one buffer: at
     its peak it holds ∂L/∂x, one block (512 tokens here, where out = 8·in) and pieces r wide or
     (out,) long, nothing of size (T, out). Two blocks alive at once would not fit. The eight
     blocks (the last one short) give the gradients of plain autograd on the textbook formula."""
     T, n_in, n_out, r = 4000, 8, 64, 2
-    monkeypatch.setattr(functional, "SMALL_STEP", -1)  # the path of large steps
     x, W0, A, B, m, G = training_inputs(T, n_in, n_out, r)
     y = dora_linear(x, W0, A, B, m, 2.0, detach_norm=detach_norm)
     with PeakMemory() as memory:

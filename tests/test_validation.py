@@ -136,15 +136,44 @@ def test_from_linear_needs_an_nn_linear():
         DoRALinear.from_linear(torch.nn.Conv1d(2, 3, 1), r=1, lora_alpha=1)
 
 
-def test_layer_forward_rejects_a_wrong_input_and_stays_as_it_was():
-    layer = DoRALinear(4, 3, r=2, lora_alpha=4)
+def adapted_layers():
+    """One adapted layer of each kind, with the input each expects: (layer, good x)."""
+    class Conv1D(torch.nn.Module):  # transformers' Conv1D, as its class name and shapes
+        def __init__(self, nf, nx):
+            super().__init__()
+            self.nf, self.weight = nf, torch.nn.Parameter(torch.randn(nx, nf))
+            self.bias = torch.nn.Parameter(torch.zeros(nf))
+    kw = {"r": 2, "lora_alpha": 4}
+    return [(DoRALinear(4, 3, **kw), torch.ones(2, 4)),
+            (dm.DoRAConv1D.from_base(Conv1D(3, 4), **kw), torch.ones(2, 4)),
+            (dm.DoRAConv1d.from_base(torch.nn.Conv1d(4, 3, 1), **kw), torch.ones(2, 4, 5)),
+            (dm.DoRAConv2d.from_base(torch.nn.Conv2d(4, 3, 1), **kw), torch.ones(2, 4, 5, 5)),
+            (dm.DoRAConv3d.from_base(torch.nn.Conv3d(4, 3, 1), **kw), torch.ones(4, 2, 2, 2)),
+            (dm.DoRAEmbedding.from_base(torch.nn.Embedding(4, 3), **kw), torch.ones(2, 5).long())]
+
+
+@pytest.mark.parametrize("index", range(6), ids=["Linear", "Conv1D", "Conv1d", "Conv2d",
+                                                 "Conv3d", "Embedding"])
+def test_every_layer_kind_rejects_a_wrong_input_naming_itself_and_stays_as_it_was(index):
+    """A wrong dtype or width names the layer, what it expected and what it got (not torch's
+    "mat1 and mat2 shapes cannot be multiplied"), and changes nothing."""
+    layer, x = adapted_layers()[index]
+    name = type(layer).__name__
     before = copy.deepcopy(layer.state_dict())
-    with pytest.raises(ValueError, match="^x: expected last dimension 4"):
-        layer(torch.ones(2, 5))
-    with pytest.raises(TypeError, match="^x: expected dtype torch.float32"):
-        layer(torch.ones(2, 4, dtype=torch.float64))
-    with pytest.raises(TypeError, match="^x: expected a Tensor, got ndarray"):
-        layer(np.ones((2, 4)))
+    if name == "DoRAEmbedding":
+        with pytest.raises(TypeError, match="^x: DoRAEmbedding expected a tensor of integer "
+                                            "indices, got torch.float32"):
+            layer(x.float())
+    else:
+        with pytest.raises(TypeError, match=f"^x: {name} expected dtype torch.float32 .*"
+                                            f"got torch.float64"):
+            layer(x.double())
+        wider = torch.ones(*x.shape[:-1], 5) if x.ndim == 2 else torch.ones(2, 5, *x.shape[2:])
+        with pytest.raises(ValueError, match=f"^x: {name} expected .*4.* got .*5"):
+            layer(wider)
+        with pytest.raises(TypeError, match=f"^x: {name} expected a dense torch.Tensor"):
+            layer(x.numpy())
+    layer(x)  # the right input still works
     assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items()
                if isinstance(v, torch.Tensor))
 

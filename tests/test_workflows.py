@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 import dora_minimal as dm
 from dora_minimal import DoRALinear, dora_linear
-from dora_minimal.functional import adapted_row_norm
+from dora_minimal.core import adapted_row_norm
 from helpers import rel_error
 from test_functional import textbook_dora
 
@@ -556,31 +556,43 @@ def test_seq_cls_trains_the_head_as_peft_does_and_saving_says_it_is_not_saved(tm
 
 
 def test_a_sparse_input_is_a_clear_error():
-    with pytest.raises(TypeError, match="x: expected a dense"):
+    with pytest.raises(TypeError, match="x: DoRALinear expected a dense"):
         trained_layer()(torch.randn(2, 6, dtype=torch.float64).to_sparse())
 
 
-def test_each_call_takes_the_route_forms_merged_weight_names(monkeypatch):
-    """Plain eager float32/64 steps up to SMALL_STEP multiply-adds go through DoRASmallStep;
-    larger ones, dropout, bf16 and torch.func go through DoRAFunction (both hand-written)."""
-    monkeypatch.setattr(dm.functional, "SMALL_STEP", 2**26)  # (dora_path may have changed it)
+def test_each_call_takes_the_route_choose_route_names():
+    """Plain eager float32/64 steps up to SMALL_STEP multiply-adds take merged_weight; larger
+    ones blocked; dropout and bf16 steps blocked too; torch.func the core; eval merged_weight
+    from as many tokens as inputs on, the core below that."""
+    from dora_minimal import routes
 
-    def route(layer, x):
-        name = type(layer(x).grad_fn).__name__
-        return "small" if name.startswith("DoRASmallStep") else name
+    def route(layer, x, forced=None):
+        with routes.force_route(forced):  # (None: the dora_path fixture may have forced one)
+            return type(layer(x).grad_fn).__name__.removesuffix("Backward")
     layer = trained_layer(torch.float32)
     x = torch.randn(4, 6)
-    assert route(layer, x) == "small"
-    assert route(layer, torch.randn(2**26 // 30 + 1, 6)) == "DoRAFunctionBackward"
-    assert route(trained_layer(lora_dropout=0.5), x.double()) == "DoRAFunctionBackward"
-    assert route(trained_layer(torch.bfloat16), x.bfloat16()) == "DoRAFunctionBackward"
+    assert route(layer, x) == "MergedWeight"
+    assert route(layer, torch.randn(routes.SMALL_STEP // 30 + 1, 6)) == "Blocked"
+    assert route(trained_layer(lora_dropout=0.5), x.double()) == "Blocked"
+    assert route(trained_layer(torch.bfloat16), x.bfloat16()) == "Blocked"
     # W' (out·in) larger than x and y together: a big layer on few tokens keeps no (out, in)
-    assert route(DoRALinear(256, 256, 4, 4), torch.randn(2, 256)) == "DoRAFunctionBackward"
+    assert route(DoRALinear(256, 256, 4, 4), torch.randn(2, 256)) == "Blocked"
+    with torch.no_grad(), routes.force_route(None):
+        assert routes.choose_route(torch.randn(6, 6), None, layer.weight, False) == \
+            "merged_weight"
+        assert routes.choose_route(torch.randn(5, 6), None, layer.weight, False) == "core"
+    assert route(layer, x, "core") == "DoRAFunction"
+    with pytest.raises(ValueError, match="name: expected one of"):
+        routes.force_route("fast").__enter__()
     params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+    calls = []
 
     def loss(p):
+        with routes.force_route("merged_weight"):  # (forced routes too: only in plain eager)
+            calls.append(routes.choose_route(x, None, layer.weight, True))
         return functional_call(layer, p, (x,)).square().sum()
-    ours = grad(loss)(params)  # the factored Function under torch.func; the same numbers
+    ours = grad(loss)(params)  # the core under torch.func; the same numbers
+    assert calls == ["core"]
     layer.zero_grad()
     layer(x).square().sum().backward()
     for name in ("lora_A", "lora_B", "magnitude"):
@@ -664,19 +676,6 @@ def test_a_zero_row_gives_its_bias_and_a_broken_magnitude_shows(m0):
             assert out[:, 0].isnan().all()
     if math.isfinite(m0):
         assert layer.magnitude.grad[0] == 0 and torch.isfinite(layer.lora_A.grad).all()
-
-
-def test_autocast_is_noticed_on_every_device_type():
-    """torch's quick check covers CPU and CUDA but not MPS (torch 2.13): an MPS tensor is asked
-    about autocast anyway (a stand-in here: this machine has no MPS)."""
-    from dora_minimal.functional import autocast_may_be_on
-
-    class MPSTensor:
-        is_mps = True
-    x = torch.randn(2, 3)
-    assert not autocast_may_be_on(x) and autocast_may_be_on(MPSTensor())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert autocast_may_be_on(x)
 
 
 def test_a_parametrized_adapter_is_used_as_parametrized():

@@ -1,0 +1,272 @@
+"""Named routes: DoRALinear's DoRA computed another way where that is measurably faster.
+
+dora_minimal.core is DoRA: the layer's LoRA output y0 under autograd, then DoRAFunction. A
+linear layer in a plain eager call may instead take one of these routes, which compute the same
+numbers (tests/test_routes.py holds each equal to the core to ~1e-12 in float64, both
+detach_norm modes) in a shape of computation that suits its size (tutorial chapter 8 measures
+each gain with `python -m dora_minimal.bench --route NAME`):
+
+    core           dora_minimal.core, as everywhere else.
+    merged_weight  a small step (a toy model's layer): form W' = c ⊙ V' (out, in) and make one
+                   product x W'^T, as the textbook does; backward through ∂L/∂W' = G^T x. Few
+                   operations and Python calls, which is what a small step's time goes to.
+                   Also an eval call without gradients when tokens >= in: W' once, one product.
+    blocked        a large step: y0 inside one Function (the big product adds onto the low-rank
+                   one inside the matmul), and backward a block of tokens at a time into
+                   preallocated buffers, so that no (tokens, out) temporary is alive beside y0,
+                   y and ∂L/∂x.
+
+Precision: the core and `blocked` compute y0 = x W0^T + s·(x A^T) B^T, which has LoRA's
+precision; where s·B A nearly cancels a row of W0 (‖V'‖ = 1e-4 ‖W0‖, float32) the two products
+cancel in the output too (11-14× the textbook's error, ∂L/∂x 28-40×, ∂L/∂m 7-8×), and an eval
+output then depends on the number of tokens (which picks the eval route). `merged_weight` forms
+V' first, as the textbook does, and has its precision.
+
+choose_route() picks a route per call; force_route(name) makes every plain eager call of a
+linear layer take `name` (the tests and the benchmark use it). Any other call takes the core.
+"""
+
+import contextlib
+
+import torch
+from torch.nn import functional as F
+
+from .core import (DoRAFunction, adapted_row_norm, adapted_rows, divide_or_zero,
+                   linear_lora_output, norm_backward, row_blocks)
+
+ROUTES = ("core", "merged_weight", "blocked")
+SMALL_STEP = 2**26  # merged_weight serves training steps of at most this many multiply-adds
+_forced = None
+
+# The only private PyTorch names in the package, read once: whether a torch.func transform is
+# running, and whether a gradient was batched by autograd.grad(is_grads_batched=True) (torch 2.13
+# has no public test for either). Without them plain_eager() says no, and the core runs.
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", None)
+
+
+def plain_eager(grad=None):
+    """True for a plain eager call, where a route may run: not traced by torch.compile or export,
+    no torch.func transform running, and `grad` (in backward) not batched."""
+    if torch.compiler.is_compiling() or _transforms_active is None or _legacy_batched is None:
+        return False
+    return not _transforms_active() and not (grad is not None and _legacy_batched(grad))
+
+
+@contextlib.contextmanager
+def force_route(name):
+    """Within the block, every plain eager DoRA call of a linear layer takes route `name`
+    (None: as choose_route decides)."""
+    global _forced
+    if name is not None and name not in ROUTES:
+        raise ValueError(f"name: expected one of {ROUTES}, got {name!r}")
+    saved, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = saved
+
+
+def choose_route(x, lora_input, weight, needs_grad):
+    """The route of one DoRA call of a linear layer: x (..., in), weight (out, in), lora_input
+    the adapter branch's input if not x (dropout), needs_grad whether autograd records it."""
+    if not plain_eager():
+        return "core"
+    # W' = c ⊙ V' in bf16/fp16 would round c, and dropout feeds the adapter another x
+    mergeable = lora_input is None and weight.dtype in (torch.float32, torch.float64)
+    if _forced is not None:
+        return _forced if _forced != "merged_weight" or mergeable else "core"
+    out_features, in_features = weight.shape
+    tokens_in = x.numel()  # tokens·in
+    if not needs_grad:  # eval: W' once pays when there are at least as many tokens as in
+        return "merged_weight" if mergeable and tokens_in >= in_features**2 else "core"
+    small = (mergeable and tokens_in * out_features <= SMALL_STEP  # tokens·in·out
+             # W' (out·in numbers) no larger than x and y together (tokens·(in + out))
+             and out_features * in_features**2 <= tokens_in * (in_features + out_features))
+    return "merged_weight" if small else "blocked"
+
+
+def dora_linear_route(route, x, lora_input, weight, lora_A, lora_B, magnitude, bias, scaling,
+                      detach_norm):
+    """y of a linear layer's DoRA by `route` (arguments checked by the caller)."""
+    if route == "merged_weight" and not torch.is_grad_enabled():
+        return F.linear(x, merged_weight(weight, lora_A, lora_B, magnitude, scaling), bias)
+    if route == "merged_weight":
+        return MergedWeight.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling,
+                                  detach_norm)
+    if route == "blocked":
+        return Blocked.apply(x, lora_input, weight, lora_A, lora_B, magnitude, bias, scaling,
+                             detach_norm)
+    y0 = linear_lora_output(x, weight, lora_A, lora_B, scaling, lora_input)
+    return DoRAFunction.apply(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
+                              0)
+
+
+def merged_weight(weight, lora_A, lora_B, magnitude, scaling):
+    """W' = (m / ‖V'‖_c) ⊙ V' (out, in) in W0's dtype, a block of rows at a time in the
+    accumulation dtype, each entry rounded once. Without gradients (eval, merge copies)."""
+    blocks = []
+    for rows in row_blocks(*weight.shape):
+        V = adapted_rows(weight, lora_A, lora_B, scaling, rows)  # (rows, in)
+        norm = torch.linalg.vector_norm(V, dim=1, keepdim=True)  # (rows, 1)
+        # Eq. 5: W' = m · V'/‖V'‖_c
+        blocks.append((V * divide_or_zero(magnitude[rows, None].to(V.dtype), norm))
+                      .to(weight.dtype))
+    return torch.cat(blocks)
+
+
+def core_gradients(ctx, grad_y, inputs, needs):
+    """For a backward that is itself differentiated (create_graph=True) or batched: the
+    gradients of `inputs` (x, x_a, W0, A, B, m, bias) where `needs` says so, by the core, forward
+    once more under autograd, so that they are differentiable and batchable as the core's are."""
+    x, x_a, weight, lora_A, lora_B, magnitude, bias = inputs
+    with torch.enable_grad():
+        y0 = linear_lora_output(x, weight, lora_A, lora_B, ctx.scaling, x_a)
+        y = DoRAFunction.apply(y0, weight, lora_A, lora_B, magnitude, bias, ctx.scaling,
+                               ctx.detach_norm, 0)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and needs[i]]
+    grads = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, allow_unused=True,
+                                create_graph=torch.is_grad_enabled())
+    found = dict(zip(wanted, grads))
+    return tuple(found.get(i) for i in range(len(inputs)))
+
+
+class MergedWeight(torch.autograd.Function):
+    """y = x W'^T + b with W' = c ⊙ V' formed (out, in), and its backward through ∂L/∂W' = G^T x:
+
+        ∂L/∂x = G W'                               ∂L/∂W' = G^T x (out, in)
+        Eq. 7   ∂L/∂m = rowsum(∂L/∂W' ⊙ V') / n
+        Eq. 11  ∂L/∂V' = c ⊙ ∂L/∂W';   Eq. 6 adds ∂L/∂n ⊙ V̂, ∂L/∂n = -c ⊙ rowsum(∂L/∂W' ⊙ V') / n
+                ∂L/∂A = s·B^T ∂L/∂V',  ∂L/∂B = s·∂L/∂V' A^T
+
+    The older form of autograd.Function (forward takes ctx): forward saves V', W' and c without
+    returning them, and apply() binds no signature, which costs more than the arithmetic here.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm):
+        V = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # (out, in): Eq. 5
+        norm = torch.linalg.vector_norm(V, dim=1, keepdim=True)  # (out, 1): n = ‖V'‖_c
+        norm.masked_fill_(norm.logical_not(), torch.inf)  # zero-row rule: x / ∞ = 0, once
+        c = magnitude[:, None].to(V.dtype) / norm  # (out, 1): c = m / n
+        W = V * c  # (out, in): W' = c ⊙ V'
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, bias, V, W, c, norm)
+        ctx.scaling, ctx.detach_norm = scaling, detach_norm
+        return F.linear(x, W, bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, magnitude, bias, V, W, c, norm = ctx.saved_tensors
+        s, needs = ctx.scaling, ctx.needs_input_grad
+        if torch.is_grad_enabled() or not plain_eager(grad_y):
+            grads = core_gradients(ctx, grad_y, (x, None, weight, lora_A, lora_B, magnitude, bias),
+                                   needs[:1] + (False,) + needs[1:6])
+            return grads[:1] + grads[2:] + (None, None)  # (MergedWeight has no x_a)
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        G = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
+        grad_x = grad_y @ W if needs[0] else None  # (..., in): ∂L/∂x = G W'
+        grad_A = grad_B = grad_m = grad_bias = None
+        if needs[2] or needs[3] or needs[4]:
+            grad_W = G.T @ x2  # (out, in): ∂L/∂W'
+            sum_G_y0 = torch.linalg.vecdot(grad_W, V)[:, None]  # (out, 1): ∂L/∂W' · V'
+            if needs[4]:  # Eq. 7
+                grad_m = (sum_G_y0 / norm)[:, 0].to(magnitude.dtype)
+            grad_V = grad_W.mul_(c)  # Eq. 11: ∂L/∂V' = c ⊙ ∂L/∂W'
+            if not ctx.detach_norm:  # Eq. 6: + ∂L/∂n ⊙ V̂ (V̂ and ∂L/∂n are 0 on a zero row)
+                grad_V.addcmul_(V / norm, -c * sum_G_y0 / norm)
+            if needs[2]:  # ∂L/∂A = s·B^T ∂L/∂V' (r, in); (beta=0: lora_A gives the shape only)
+                grad_A = torch.addmm(lora_A, lora_B.T, grad_V, beta=0, alpha=s)
+            if needs[3]:  # ∂L/∂B = s·∂L/∂V' A^T (out, r)
+                grad_B = torch.addmm(lora_B, grad_V, lora_A.T, beta=0, alpha=s)
+        if needs[5]:
+            grad_bias = G.sum(0)
+        return grad_x, None, grad_A, grad_B, grad_m, grad_bias, None, None
+
+
+class Blocked(torch.autograd.Function):
+    """The core's equations with y0 = x W0^T + s·(x_a A^T) B^T formed inside, and backward a
+    block of tokens at a time: for each block, Gc = G ⊙ c into one (t, out) buffer, then
+    ∂L/∂x = Gc W0 + s·(Gc B) A into its rows of ∂L/∂x; then G ⊙ y0 into the same buffer, summed
+    for Eq. 7. Over all tokens: ∂L/∂A = s·(Gc B)^T x_a and ∂L/∂B = s·c ⊙ G^T (x_a A^T)."""
+
+    @staticmethod
+    def forward(ctx, x, x_adapter, weight, lora_A, lora_B, magnitude, bias, scaling,
+                detach_norm):
+        out_features, in_features = weight.shape
+        x2 = x.reshape(-1, in_features)  # (T, in)
+        xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, in_features)  # (T, in)
+        norm = adapted_row_norm(weight, lora_A, lora_B, scaling)  # (out,)
+        c = divide_or_zero(magnitude.to(norm.dtype), norm)  # (out,)
+        xA = xa2 @ lora_A.T  # (T, r)
+        y0 = (xA @ lora_B.T).addmm_(x2, weight.T, beta=scaling)  # (T, out): s·xA B^T + x W0^T
+        y = torch.empty_like(y0)  # y = c ⊙ y0 + b, computed in float32 and rounded once
+        torch.mul(y0, c, out=y) if bias is None else torch.addcmul(bias, y0, c, out=y)
+        keep_y0 = magnitude.requires_grad or not detach_norm  # only Eq. 7 and 6 read it
+        ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, magnitude, bias, c, norm,
+                              xA, y0 if keep_y0 else None)
+        ctx.scaling, ctx.detach_norm = scaling, detach_norm
+        return y.reshape(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, x_a, weight, lora_A, lora_B, magnitude, bias, c, norm, xA, y0 = ctx.saved_tensors
+        s, needs = ctx.scaling, ctx.needs_input_grad
+        if torch.is_grad_enabled() or not plain_eager(grad_y):
+            inputs = (x, x_a, weight, lora_A, lora_B, magnitude, bias)
+            return core_gradients(ctx, grad_y, inputs, needs[:7]) + (None, None)
+        out_features, in_features = weight.shape
+        x2 = x.reshape(-1, in_features)  # (T, in)
+        xa2 = x2 if x_a is None else x_a.reshape(-1, in_features)  # (T, in)
+        G = grad_y.reshape(-1, out_features)  # (T, out)
+        exact = not ctx.detach_norm and (needs[3] or needs[4])
+        tokens = G.shape[0]
+        size = block_tokens(tokens, in_features, out_features)
+        starts = range(0, tokens, size)
+        # Σ_t G ⊙ y0 (out,), in float32: one row per block, summed at the end
+        block_sums = c.new_empty(len(starts), out_features) if needs[5] or exact else None
+        GcB = G.new_empty(tokens, lora_B.shape[1]) if needs[0] or needs[1] or needs[3] else None
+        grad_x = torch.empty_like(x2) if needs[0] else None  # (T, in)
+        buffer = G.new_empty(min(size, tokens), out_features)  # (t, out)
+        for i, start in enumerate(starts):
+            rows = slice(start, start + size)
+            G_rows = G[rows]  # (t, out)
+            Gc = torch.mul(G_rows, c, out=buffer[:len(G_rows)])  # Eq. 11: Gc = c ⊙ G
+            if GcB is not None:
+                torch.mm(Gc, lora_B, out=GcB[rows])  # (t, r)
+            if grad_x is not None:  # ∂L/∂x = s·(Gc B) A + Gc W0, or Gc W0 if x_a has its own
+                if x_a is None:
+                    torch.mm(GcB[rows], lora_A, out=grad_x[rows])
+                    grad_x[rows].addmm_(Gc, weight, beta=s)
+                else:
+                    torch.mm(Gc, weight, out=grad_x[rows])
+            if block_sums is not None:  # the buffer takes G ⊙ y0 after Gc's last use
+                product = torch.mul(G_rows, y0[rows], out=buffer[:len(G_rows)])
+                torch.sum(product, 0, dtype=block_sums.dtype, out=block_sums[i])
+        grad_xa = s * (GcB @ lora_A) if needs[1] else None  # (T, in)
+        grad_A = s * (GcB.T @ xa2) if needs[3] else None  # (r, in): s·(Gc B)^T x_a
+        # ∂L/∂B = s·Gc^T (x_a A^T) = s·c ⊙ G^T (x_a A^T) (out, r), one product with G itself
+        grad_B = torch.mm(G.T, xA).mul_((s * c)[:, None]) if needs[4] else None
+        grad_m = None
+        if block_sums is not None:
+            sum_G_y0 = block_sums.sum(0)  # (out,)
+            if needs[5]:  # Eq. 7
+                grad_m = divide_or_zero(sum_G_y0, norm).to(magnitude.dtype)
+            if exact:  # Eq. 6's norm path
+                path_A, path_B = norm_backward(divide_or_zero(-c * sum_G_y0, norm), weight,
+                                               lora_A, lora_B, s, norm)
+                grad_A = path_A.to(lora_A.dtype) + (0 if grad_A is None else grad_A)
+                grad_B = path_B.to(lora_B.dtype) + (0 if grad_B is None else grad_B)
+        grad_bias = G.sum(0) if needs[6] else None
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape)
+        if grad_xa is not None:
+            grad_xa = grad_xa.reshape(x.shape)
+        return grad_x, grad_xa, None, grad_A, grad_B, grad_m, grad_bias, None, None
+
+
+def block_tokens(tokens, in_features, out_features):
+    """Tokens per block of Blocked's backward: a quarter of them, and no more than makes the
+    (t, out) buffer half the size of ∂L/∂x (T, in) when out > 2·in; a multiple of 256, at least
+    512. Small blocks keep the buffer small and in cache; big ones keep the products efficient."""
+    size = min(tokens // 4, tokens * in_features // (2 * out_features))
+    return max(512, size - size % 256)
