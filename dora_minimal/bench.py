@@ -11,6 +11,8 @@ measures peak memory beyond the parameters and the input, for:
     peft-lora, peft-dora                    Hugging Face PEFT, adapters upcast to float32 (default)
     peft-lora-keep, peft-dora-keep          PEFT with autocast_adapter_dtype=False
     (the PEFT rows only when peft is importable; it is never a dependency)
+    dora@core, dora@merged_weight, dora@blocked    with --compare-routes: DoRA with each named
+                    route of dora_minimal.routes forced (--route NAME forces one everywhere)
 
 Times are medians over --repeat runs after warm-up (CUDA events on a GPU). Memory is the CUDA
 allocator's peak on a GPU; elsewhere it is counted (PeakMemory: the bytes of tensors alive at
@@ -34,6 +36,7 @@ from torch.utils._pytree import tree_leaves
 
 from .checks import check_command_line
 from .layer import DoRALinear
+from .routes import ROUTES, force_route
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -183,7 +186,20 @@ def train_step(module, x, grad_y, parameters):
     return step
 
 
+def forcing(route, fn):
+    """fn() with every DoRA call of a linear layer taking `route` (dora_minimal.routes)."""
+    def forced():
+        with force_route(route):
+            return fn()
+    return forced
+
+
 def run(args):
+    with force_route(args.route):
+        return _run(args)
+
+
+def _run(args):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     base, ours = make_layers(args, device, dtype)
     x = torch.randn(args.tokens, args.in_features, device=device, dtype=dtype, requires_grad=True)
@@ -195,6 +211,8 @@ def run(args):
     parameters = [x] + [p for m in train.values() if isinstance(m, torch.nn.Module)
                         for p in m.parameters()]
     steps = {name: train_step(module, x, grad_y, parameters) for name, module in train.items()}
+    for route in ROUTES if args.compare_routes else ():
+        steps[f"dora@{route}"] = forcing(route, steps["dora"])
     rows = [{"variant": name, "phase": "fwd+bwd", "ms": ms, "extra_mib": mib}
             for name, (ms, mib) in measure(steps, device, args.warmup, args.repeat).items()]
 
@@ -205,6 +223,8 @@ def run(args):
         module.eval()
     with torch.no_grad():
         forwards = {name: (lambda module=module: module(x)) for name, module in evaluation.items()}
+        for route in ROUTES if args.compare_routes else ():
+            forwards[f"dora@{route}"] = forcing(route, forwards["dora"])
         rows += [{"variant": name, "phase": "eval", "ms": ms, "extra_mib": mib}
                  for name, (ms, mib) in measure(forwards, device, args.warmup,
                                                 args.repeat).items()]
@@ -269,6 +289,10 @@ def parse_args(argv=None):
     parser.add_argument("--repeat", type=int, default=20, help="timed runs (median is reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT even if installed")
+    parser.add_argument("--route", choices=ROUTES, default=None,
+                        help="make every DoRA call take this route (default: as chosen)")
+    parser.add_argument("--compare-routes", action="store_true",
+                        help="add a row 'dora@NAME' for each route, forced")
     parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the accuracy check of DoRA against float64")

@@ -57,8 +57,11 @@ def row_blocks(out_features, in_features):
 def adapted_rows(weight, lora_A, lora_B, scaling, rows=slice(None)):
     """V'[rows] = W0[rows] + s·B[rows] A (rows, in'), in the accumulation dtype."""
     acc = accumulation_dtype(weight.dtype)
-    # Eq. 5: V' = W0 + s·B A
-    return torch.addmm(weight[rows].to(acc), lora_B[rows].to(acc), lora_A.to(acc), alpha=scaling)
+    B, A = lora_B[rows].to(acc), lora_A.to(acc)
+    if weight.dtype == acc:  # Eq. 5: V' = W0 + s·B A
+        return torch.addmm(weight[rows], B, A, alpha=scaling)
+    # a bf16/fp16 W0: its float32 copy takes the product in place (one temporary, not two)
+    return weight[rows].to(acc).addmm_(B, A, alpha=scaling)
 
 
 def adapted_row_norm(weight, lora_A, lora_B, scaling):
@@ -76,8 +79,9 @@ def norm_backward(grad_norm, weight, lora_A, lora_B, scaling, norm):
     grad_A, grad_B = 0, []
     A, B = lora_A.to(norm.dtype), lora_B.to(norm.dtype)
     for rows in row_blocks(*weight.shape):
-        unit = divide_or_zero(adapted_rows(weight, lora_A, lora_B, scaling, rows),
-                              norm[rows, None])  # (rows, in'): V̂, 0 for a zero row
+        # (rows, in'): V̂, 0 for a zero row; in place, so that one block of V' is alive at once
+        unit = adapted_rows(weight, lora_A, lora_B, scaling, rows).div_(
+            norm[rows, None].masked_fill(norm[rows, None].logical_not(), torch.inf))
         weighted = scaling * grad_norm[rows, None]  # (rows, 1): s·∂L/∂n
         grad_B.append(weighted * (unit @ A.T))  # (rows, r): s·(∂L/∂n ⊙ V̂) A^T
         grad_A = grad_A + (weighted * B[rows]).T @ unit  # (r, in'): s·(∂L/∂n ⊙ B)^T V̂

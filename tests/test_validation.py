@@ -286,3 +286,36 @@ def test_lora_config_and_helpers_reject_wrong_types():
         dm.inject_adapters(model, dm.LoraConfig(r=1))
     with pytest.raises(TypeError, match="expected a dict of tensors"):
         dm.load_adapter_state_dict(model, [1, 2])
+
+
+def test_adapting_inside_autocast_takes_the_norms_in_float32():
+    """Under torch.autocast the norm check of from_linear, inject_adapters and reset_magnitude
+    ran in bf16 and refused ordinary weights; the norms are now float32 whatever autocast says."""
+    linear = torch.nn.Linear(8, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer = DoRALinear.from_linear(linear, r=2, lora_alpha=4)
+        model = dm.inject_adapters(torch.nn.Sequential(torch.nn.Linear(8, 4)),
+                                   dm.LoraConfig(r=2, use_dora=True))
+        dm.reset_magnitude(model)
+        layer.reset_magnitude()
+    assert torch.allclose(layer.magnitude, linear.weight.norm(dim=1), rtol=1e-6)
+    assert model[0].magnitude.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"scaling": -1.0}, ValueError, "scaling: expected a finite real number > 0, got -1"),
+    ({"scaling": 0.0}, ValueError, "scaling: expected a finite real number > 0, got 0"),
+    ({"scaling": float("nan")}, ValueError, "scaling: expected a finite real number > 0"),
+    ({"scaling": float("inf")}, ValueError, "scaling: expected a finite real number > 0"),
+    ({"scaling": True}, TypeError, "scaling: expected a finite real number > 0, got True"),
+    ({"detach_norm": "no"}, TypeError, "detach_norm: expected True or False, got 'no'"),
+    ({"detach_norm": None}, TypeError, "detach_norm: expected True or False, got None"),
+    ({"trailing_dims": -1}, ValueError, "trailing_dims: expected an integer from 0 to"),
+    ({"trailing_dims": 3}, ValueError, "trailing_dims: expected an integer from 0 to"),
+])
+def test_dora_scale_refuses_what_dora_linear_refuses(kwargs, error, message):
+    y0, W0, A, B, m = torch.ones(2, 3), torch.ones(3, 5), torch.ones(1, 5), torch.ones(3, 1), \
+        torch.ones(3)
+    arguments = {"scaling": 1.0, "bias": None, "detach_norm": True, "trailing_dims": 0, **kwargs}
+    with pytest.raises(error, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        dm.dora_scale(y0, W0, A, B, m, **arguments)
