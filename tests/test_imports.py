@@ -72,5 +72,5 @@ def test_an_unknown_name_is_an_attribute_error():
         dora_minimal.DoraLinear
     with pytest.raises(ImportError, match="cannot import name 'nothing'"):
         from dora_minimal import nothing  # noqa: F401
-    with pytest.raises(AttributeError):
-        dora_minimal.__main__  # the command is run (python -m), never imported as an attribute
+    with pytest.raises(AttributeError):  # the command runs (python -m), it is not imported
+        dora_minimal.__getattr__("__main__")
