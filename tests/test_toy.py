@@ -279,6 +279,32 @@ def test_fit_line_and_moving_average():
     assert figures.moving_average([1, 2], 5).tolist() == [1.5]  # a window longer than the data
 
 
+def test_hidden_layers_are_named_as_chapter_7_counts_them():
+    assert figures.hidden_layer_labels(ToyConfig(hidden_layers=3)) == {
+        "2": "hidden layer 1", "4": "hidden layer 2", "6": "hidden layer 3"}
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (the plot extra)")
+def test_the_scatter_names_hidden_layers_and_its_checkpoint_numbers_are_readable(tmp_path,
+                                                                                 monkeypatch):
+    import matplotlib.pyplot as plt
+    cfg = ToyConfig(hidden_layers=2, checkpoints=2, finetune_steps=2)
+    rng = np.random.default_rng(0)
+    results = [MethodResult(method, 1, 2, trajectory=[
+        (step, name, rng.random(), rng.random()) for step in (1, 2) for name in ("2", "4")])
+        for method in ("full", "lora", "dora")]
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to look at it
+    figures.plot_delta_scatter(ToyRun(cfg, results, 0.5, 0.25, None), tmp_path / "scatter.png")
+    figure, = drawn
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == [
+        "hidden layer 1 (rescaled)", "hidden layer 2 (tilted)"]
+    numbers = [text for axis in figure.axes for text in axis.texts]
+    assert sorted(text.get_text() for text in numbers) == ["1"] * 6 + ["2"] * 6
+    assert min(text.get_fontsize() for text in numbers) >= 8
+    plt.close(figure)
+
+
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (the plot extra)")
 def test_figures_script_writes_three_small_pngs(tmp_path):
     paths = figures.make_figures(tmp_path, ToyConfig(**SMALL), log=lambda line: None)
