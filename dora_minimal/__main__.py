@@ -26,6 +26,9 @@ EPILOG = """\
 The table's legend is printed under it; progress lines go to stderr. Chapter 7 of the tutorial
 explains the experiment.
 
+Every option is checked before torch is imported: a bad one is answered at once. Only a CUDA
+--device with a torch built for CUDA imports torch to ask for the GPU, after all else passed.
+
 Threads: torch's intra-op threads gain nothing on these 64-wide matrices and wait for each other
 when other programs keep the cores busy. Wall time of this command with default options, 2-core
 VM, torch 2.13.0+cpu, 2026-11-28 (the VM also ran other work, load average 3-10):

@@ -1,7 +1,7 @@
 """The tutorial's figures, drawn from the project's own code (needs matplotlib: pip install
 matplotlib, or the `plot` extra).
 
-    python -m dora_minimal.figures tutorial/figures      # 12-14 s on a 2-core CPU (2026-12-06)
+    python -m dora_minimal.figures tutorial/figures      # 12-13 s on a 2-core CPU (2026-12-06)
 
 writes row_split.png (a weight row as magnitude and direction, before and after an update),
 delta_m_delta_d.png (ΔM against ΔD of the toy run, as the paper's Figure 2) and
