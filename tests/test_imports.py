@@ -38,9 +38,9 @@ def test_numpy_chapters_and_the_exercises_run_without_torch():
     paths = [f"tutorial/{chapter}.md" for chapter in NUMPY_CHAPTERS]
     loaded = modules_loaded_by(
         "import doctest\n"
+        "flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE\n"
         f"for path in {paths!r}:\n"
-        "    result = doctest.testfile(path, module_relative=False,\n"
-        "                              optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)\n"
+        "    result = doctest.testfile(path, module_relative=False, optionflags=flags)\n"
         "    assert result.attempted > 0 and result.failed == 0, (path, result)\n"
         "import tutorial.exercises.dora")
     assert "torch" not in loaded

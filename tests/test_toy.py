@@ -213,7 +213,7 @@ def test_a_bad_option_is_answered_before_torch_or_numpy_is_imported(argv):
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", "dora_minimal", *argv],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.splitlines()[-1].startswith(f"python -m dora_minimal: error: argument ")
+    assert result.stderr.splitlines()[-1].startswith("python -m dora_minimal: error: argument ")
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "argparse" in imported and "dora_minimal.toy_config" in imported
