@@ -22,39 +22,14 @@ from torch.optim import optimizer as torch_optimizer
 
 from .adapters import LoraConfig, inject_adapters, merge_adapters, trainable_parameters
 from .analysis import correlation, decomposition_by_layer, effective_weights
-
-
-@dataclass
-class ToyConfig:
-    seed: int = 0
-    in_features: int = 32
-    hidden: int = 64
-    hidden_layers: int = 6         # the (hidden, hidden) layers: shifted, then measured
-    out_features: int = 8
-    train_size: int = 8192
-    test_size: int = 1024
-    batch: int = 64
-    pretrain_steps: int = 1500
-    pretrain_lr: float = 3e-3
-    finetune_steps: int = 600
-    checkpoints: int = 4           # the paper: 3 intermediate checkpoints and the final one
-    rank: int = 4
-    lora_alpha: float = 8.0
-    lr: float = 2e-3               # LoRA and DoRA
-    full_lr: float = 1e-3          # full fine-tuning
-    rescale: float = 0.3           # rescaled layers: each row times a factor in [1 - 0.3, 1 + 0.3]
-    tilt: float = 0.5              # tilted layers: a rank-2 update of 0.5 x the weight's norm
-    shift: str = "alternate"       # or "both": every hidden layer rescaled and tilted (a control)
-    device: str = "cpu"
-    methods: tuple = ("full", "lora", "dora")
+from .toy_config import ToyConfig
 
 
 def make_mlp(cfg, gain=1.0):
     """in -> hidden -> (hidden -> hidden) x hidden_layers -> out, tanh between; gain scales the
     initial weights (a teacher with gain > 1 is more nonlinear)."""
-    sizes = [cfg.in_features] + [cfg.hidden] * (cfg.hidden_layers + 1) + [cfg.out_features]
     layers = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    for fan_in, fan_out in cfg.layer_sizes():
         layers += [nn.Linear(fan_in, fan_out), nn.Tanh()]
     mlp = nn.Sequential(*layers[:-1])
     with torch.no_grad():
@@ -213,9 +188,11 @@ def run(cfg=None, log=print, progress=None, progress_lines=5):
     task = shifted_copy(pretrained, cfg, generator)
     train_data, test_data = data(task, cfg.train_size), data(task, cfg.test_size)
     pretrain_loss, start_loss = evaluate(pretrained, pretrain_test), evaluate(pretrained, test_data)
-    log(f"pretraining: {cfg.pretrain_steps} steps, held-out loss {pretrain_loss:.4f} on the "
-        f"original task, {start_loss:.4f} on the shifted one "
-        f"({time.perf_counter() - start:.1f} s)")
+    log(f"pretraining: {cfg.pretrain_steps} steps, held-out loss {pretrain_loss:.4f} imitating a "
+        f"random teacher ({time.perf_counter() - start:.1f} s)")
+    shifts = "rescaled and tilted" if cfg.shift == "both" else "rescaled or tilted"
+    log(f"shifted task: the pretrained MLP, hidden layers {shifts}; fine-tuning starts at "
+        f"{start_loss:.4f}")
     base_weights = effective_weights(pretrained)
     measured = hidden_layer_names(cfg)
     at_checkpoint = set(checkpoint_steps(cfg.finetune_steps, cfg.checkpoints))

@@ -2,6 +2,7 @@
 tutorial's figures (dora_minimal.figures)."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -101,10 +102,15 @@ def test_toy_run_is_deterministic_measures_each_hidden_layer_and_merging_changes
     assert all(t[2] > 0 and t[3] > 0 for t in dora.trajectory)
 
 
-def test_progress_lines_come_within_each_phase():
-    lines = []
-    run(ToyConfig(**SMALL, methods=("lora",)), log=lambda line: None, progress=lines.append,
-        progress_lines=2)
+def test_progress_lines_come_within_each_phase_and_the_log_says_what_each_loss_is():
+    lines, log = [], []
+    toy_run = run(ToyConfig(**SMALL, methods=("lora",)), log=log.append, progress=lines.append,
+                  progress_lines=2)
+    assert re.fullmatch(f"pretraining: 30 steps, held-out loss {toy_run.pretrain_loss:.4f} "
+                        r"imitating a random teacher \([0-9]+\.[0-9] s\)", log[0]), log[0]
+    assert log[1] == ("shifted task: the pretrained MLP, hidden layers rescaled or tilted; "
+                      f"fine-tuning starts at {toy_run.start_loss:.4f}")
+    assert log[2].startswith("fine-tuning (LoRA): 20 steps, train loss ")
     assert lines == ["  pretraining: step 15/30, batch loss " + lines[0].split()[-1],
                      "  pretraining: step 30/30, batch loss " + lines[1].split()[-1],
                      "  fine-tuning (LoRA): step 10/20, batch loss " + lines[2].split()[-1],
@@ -149,29 +155,69 @@ def parse_error(capsys, *argv):
     (["--lora-alpha", "0"], "argument --lora-alpha: expected a finite number > 0, got 0"),
     (["--lora-alpha", "inf"], "argument --lora-alpha: expected a finite number > 0, got inf"),
     (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
-    (["--rank", "0"], "--rank: expected an integer >= 1, got 0"),
-    (["--threads", "0"], "--threads: expected an integer >= 1, got 0"),
-    (["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
-    (["--seed", "-3"], "--seed: expected an integer >= 0, got -3"),
+    (["--rank", "0"], "argument --rank: expected an integer from 1 to 64, got 0"),
+    (["--rank", "100"], "argument --rank: expected an integer from 1 to 64, got 100: the hidden "
+     "layers are 64 x 64, where an update B A has rank at most 64, so a higher rank only adds "
+     "parameters (LoRA would train 93,600, full fine-tuning trains 27,592)"),
+    (["--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
+    (["--steps", "0"], "argument --finetune-steps/--steps: expected an integer >= 1, got 0"),
+    (["--finetune-steps", "abc"],
+     "argument --finetune-steps/--steps: expected an integer >= 1, got 'abc'"),
+    (["--pretrain-steps", "1.5"], "argument --pretrain-steps: expected an integer >= 1, got '1.5'"),
+    (["--seed", "-3"], "argument --seed: expected an integer >= 0, got -3"),
     (["--steps", "3", "--checkpoints", "4"],
-     "--checkpoints: expected at most --steps = 3 checkpoints, got 4"),
-    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+     "argument --checkpoints: expected at most --finetune-steps = 3 checkpoints, got 4"),
+    (["--device", "gpu"], "argument --device: expected cpu, cuda or cuda:N, got 'gpu'"),
 ])
 def test_bad_options_are_one_line_errors_before_any_work(capsys, monkeypatch, argv, message):
-    monkeypatch.setattr(main_command, "run", lambda *a, **k: pytest.fail("work was started"))
+    monkeypatch.setattr(toy, "run", lambda *a, **k: pytest.fail("work was started"))
     assert parse_error(capsys, *argv) == message
 
 
-def test_bad_plot_options_are_errors_before_any_work(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(main_command, "run", lambda *a, **k: pytest.fail("work was started"))
-    if not HAS_MATPLOTLIB:
-        assert "--plot needs matplotlib" in parse_error(capsys, "--plot", "figure.png")
-        return
-    assert parse_error(capsys, "--plot", str(tmp_path / "figure.txt")) == (
-        f"--plot: expected a file name ending in .png, .pdf, .svg, "
-        f"got '{tmp_path / 'figure.txt'}'")
-    assert parse_error(capsys, "--plot", str(tmp_path / "nowhere" / "figure.png")) == (
-        f"--plot: the folder '{tmp_path / 'nowhere'}' does not exist")
+def test_rank_may_be_the_hidden_width_and_steps_is_short_for_finetune_steps():
+    args = main_command.parse_args(["--rank", "64", "--steps", "7"])
+    assert (args.rank, args.finetune_steps) == (64, 7)
+    assert main_command.parse_args(["--finetune-steps", "8"]).finetune_steps == 8
+    cfg = ToyConfig()
+    assert (cfg.trainable_count("full"), cfg.trainable_count("lora", 100),
+            cfg.trainable_count("dora")) == (27_592, 93_600, 3_744 + 456)
+
+
+def test_a_cuda_device_needs_a_gpu_that_torch_sees(capsys, monkeypatch):
+    version = main_command.torch_built_without_cuda()
+    built_without = torch.version.cuda is None and torch.version.hip is None
+    assert version == (torch.__version__ if built_without else None)
+    if version:
+        assert parse_error(capsys, "--device", "cuda") == (
+            f"argument --device: expected cpu: torch {version} is built without CUDA, so it "
+            "sees no CUDA GPU, got 'cuda'")
+    monkeypatch.setattr(main_command, "torch_built_without_cuda", lambda: None)  # a CUDA build
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_error(capsys, "--device", "cuda:0") == (
+        "argument --device: expected cpu: torch sees no CUDA GPU here, got 'cuda:0'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_error(capsys, "--device", "cuda:2") == (
+        "argument --device: expected cpu or cuda:0 to cuda:1 (the CUDA GPUs torch sees), "
+        "got 'cuda:2'")
+    assert main_command.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+
+
+@pytest.mark.parametrize("argv", [["--rank", "0"], ["--rank", "100"], ["--steps", "abc"],
+                                  ["--lora-alpha", "0"], ["--device", "cuda"],
+                                  ["--steps", "3", "--checkpoints", "4"],
+                                  ["--plot", "figure.txt"]])
+def test_a_bad_option_is_answered_before_torch_or_numpy_is_imported(argv):
+    if argv[0] == "--device" and main_command.torch_built_without_cuda() is None:
+        pytest.skip("this torch has CUDA: whether a GPU is there, torch is asked")
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "dora_minimal", *argv],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith("python -m dora_minimal: error: argument ")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "argparse" in imported and "dora_minimal.toy_config" in imported
+    assert not imported & {"torch", "numpy"}
 
 
 def test_help_shows_every_default(capsys):
@@ -181,20 +227,22 @@ def test_help_shows_every_default(capsys):
     defaults = ToyConfig()
     for option, value in [("--threads", 1), ("--lr", defaults.lr), ("--full-lr", defaults.full_lr),
                           ("--pretrain-lr", defaults.pretrain_lr),
-                          ("--lora-alpha", defaults.lora_alpha), ("--steps",
-                                                                   defaults.finetune_steps)]:
+                          ("--lora-alpha", defaults.lora_alpha),
+                          ("--finetune-steps", defaults.finetune_steps), ("--rank", defaults.rank)]:
         assert option in help_text and f"(default: {value})" in help_text
+    assert "--finetune-steps FINETUNE_STEPS, --steps FINETUNE_STEPS" in help_text
 
 
 def test_main_prints_progress_the_table_its_legend_and_the_plot(tmp_path):
     path = tmp_path / "figure.png"
     plot = ["--plot", str(path)] if HAS_MATPLOTLIB else []
     result = subprocess.run([sys.executable, "-m", "dora_minimal", "--pretrain-steps", "20",
-                             "--steps", "10", "--checkpoints", "2", *plot],
+                             "--finetune-steps", "10", "--checkpoints", "2", *plot],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     stdout = " ".join(result.stdout.split())
-    for text in ["pretraining:", "full fine-tuning", "LoRA r=4", "DoRA r=4", "corr(ΔM,ΔD)",
+    for text in ["pretraining: 20 steps", "imitating a random teacher", "shifted task:",
+                 "full fine-tuning", "LoRA r=4", "DoRA r=4", "corr(ΔM,ΔD)",
                  "losses: mean squared error", "Pearson over 12 points", "merged vs unmerged"]:
         assert text in stdout
     assert "fine-tuning (DoRA): step 10/10, batch loss" in result.stderr
@@ -229,6 +277,32 @@ def test_fit_line_and_moving_average():
     assert np.sign(slope) == np.sign(np.corrcoef(x, y)[0, 1])
     assert np.allclose(figures.moving_average([1, 2, 3, 4, 6], 2), [1.5, 2.5, 3.5, 5])
     assert figures.moving_average([1, 2], 5).tolist() == [1.5]  # a window longer than the data
+
+
+def test_hidden_layers_are_named_as_chapter_7_counts_them():
+    assert figures.hidden_layer_labels(ToyConfig(hidden_layers=3)) == {
+        "2": "hidden layer 1", "4": "hidden layer 2", "6": "hidden layer 3"}
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (the plot extra)")
+def test_the_scatter_names_hidden_layers_and_its_checkpoint_numbers_are_readable(tmp_path,
+                                                                                 monkeypatch):
+    import matplotlib.pyplot as plt
+    cfg = ToyConfig(hidden_layers=2, checkpoints=2, finetune_steps=2)
+    rng = np.random.default_rng(0)
+    results = [MethodResult(method, 1, 2, trajectory=[
+        (step, name, rng.random(), rng.random()) for step in (1, 2) for name in ("2", "4")])
+        for method in ("full", "lora", "dora")]
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to look at it
+    figures.plot_delta_scatter(ToyRun(cfg, results, 0.5, 0.25, None), tmp_path / "scatter.png")
+    figure, = drawn
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == [
+        "hidden layer 1 (rescaled)", "hidden layer 2 (tilted)"]
+    numbers = [text for axis in figure.axes for text in axis.texts]
+    assert sorted(text.get_text() for text in numbers) == ["1"] * 6 + ["2"] * 6
+    assert min(text.get_fontsize() for text in numbers) >= 8
+    plt.close(figure)
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (the plot extra)")
