@@ -147,8 +147,8 @@ class DoRAFunction(torch.autograd.Function):
             grad_y0 = (G * along_channel(c, trailing)).to(G.dtype)
         if needs[4] or exact:
             sum_G_y0 = sum_but_channel(G * y0, trailing, c.dtype)  # (out,): Σ G ⊙ y0
-            # Eq. 7: ∂L/∂m = Σ G ⊙ y0 / n
-            grad_m = divide_or_zero(sum_G_y0, norm).to(magnitude.dtype) if needs[4] else None
+        if needs[4]:  # Eq. 7: ∂L/∂m = Σ G ⊙ y0 / n
+            grad_m = divide_or_zero(sum_G_y0, norm).to(magnitude.dtype)
         if exact:  # Eq. 6: ∂L/∂n = -c ⊙ Σ G ⊙ y0 / n, then on to A and B
             grad_norm = divide_or_zero(-c * sum_G_y0, norm)  # (out,)
             grad_A, grad_B = norm_backward(grad_norm, weight, lora_A, lora_B, s, norm)
