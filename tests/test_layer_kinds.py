@@ -1,6 +1,7 @@
-"""Convolutions, embeddings and transformers' Conv1D with LoRA and DoRA: DoRAScale's hand-written
-backward against plain autograd on the textbook formula, the NumPy reference on a convolution's
-flattened weight, merge and state, argument checks, and (where installed) PEFT side by side."""
+"""Convolutions, embeddings and transformers' Conv1D with LoRA and DoRA: the core's DoRAFunction
+(its hand-written backward) against plain autograd on the textbook formula, the NumPy reference
+on a convolution's flattened weight, merge and state, argument checks, and (where installed) PEFT
+side by side."""
 
 import copy
 import warnings

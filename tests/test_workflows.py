@@ -602,7 +602,7 @@ def test_each_call_takes_the_route_choose_route_names():
 @pytest.mark.usefixtures("dora_path")
 @pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
 def test_activation_checkpointing_and_saved_tensor_hooks_keep_the_gradients(detach_norm):
-    """DoRASmallStep saves V', W', c and 1/‖V'‖_c from inside forward: checkpointing (both
+    """The routes' Functions save V', W', c and ‖V'‖_c from inside forward: checkpointing (both
     kinds) and save_on_cpu must still see, recompute or restore every one of them."""
     from torch.utils.checkpoint import checkpoint
     layer = trained_layer(detach_norm=detach_norm)
