@@ -30,12 +30,7 @@ Every option is checked before torch is imported: a bad one is answered at once.
 --device with a torch built for CUDA imports torch to ask for the GPU, after all else passed.
 
 Threads: torch's intra-op threads gain nothing on these 64-wide matrices and wait for each other
-when other programs keep the cores busy. Wall time of this command with default options, 2-core
-VM, torch 2.13.0+cpu, 2026-11-28 (the VM also ran other work, load average 3-10):
-  --threads 1: 16.7 to 21.5 s (3 runs); beside two added busy loops: 64.8 s
-  --threads 2: 149.3 to 186.1 s (2 runs); beside two added busy loops: 860.9 s
-On a quiet VM, 2026-11-29 (after that day's speed-ups): 8.3 to 9.1 s with 1 thread (3 runs),
-8.8 to 9.4 s with 2 (2 runs).
+when other programs keep the cores busy, so --threads defaults to 1 (chapter 7 has the timings).
 """
 
 
