@@ -146,9 +146,10 @@ class MergedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm):
         V = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # (out, in): Eq. 5
-        norm = torch.linalg.vector_norm(V, dim=1, keepdim=True)  # (out, 1): n = ‖V'‖_c
+        norm = torch.linalg.vector_norm(V, dim=1)  # (out,): n = ‖V'‖_c
         norm.masked_fill_(norm.logical_not(), torch.inf)  # zero-row rule: x / ∞ = 0, once
-        c = magnitude[:, None].to(V.dtype) / norm  # (out, 1): c = m / n
+        m = magnitude if magnitude.dtype == V.dtype else magnitude.to(V.dtype)
+        c = (m / norm)[:, None]  # (out, 1): c = m / n, a column
         W = V * c  # (out, in): W' = c ⊙ V'
         ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, bias, V, W, c, norm)
         ctx.scaling, ctx.detach_norm = scaling, detach_norm
@@ -162,18 +163,20 @@ class MergedWeight(torch.autograd.Function):
             grads = core_gradients(ctx, grad_y, (x, None, weight, lora_A, lora_B, magnitude, bias),
                                    needs[:1] + (False,) + needs[1:6])
             return grads[:1] + grads[2:] + (None, None)  # (MergedWeight has no x_a)
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        G = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (T, in)
+        G = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
         grad_x = grad_y @ W if needs[0] else None  # (..., in): ∂L/∂x = G W'
         grad_A = grad_B = grad_m = grad_bias = None
         if needs[2] or needs[3] or needs[4]:
             grad_W = G.T @ x2  # (out, in): ∂L/∂W'
-            sum_G_y0 = torch.linalg.vecdot(grad_W, V)[:, None]  # (out, 1): ∂L/∂W' · V'
+            sum_G_y0 = torch.linalg.vecdot(grad_W, V)  # (out,): ∂L/∂W' · V' = Σ G ⊙ y0
             if needs[4]:  # Eq. 7
-                grad_m = (sum_G_y0 / norm)[:, 0].to(magnitude.dtype)
+                grad_m = sum_G_y0 / norm
+                grad_m = grad_m if grad_m.dtype == magnitude.dtype else grad_m.to(magnitude.dtype)
             grad_V = grad_W.mul_(c)  # Eq. 11: ∂L/∂V' = c ⊙ ∂L/∂W'
             if not ctx.detach_norm:  # Eq. 6: + ∂L/∂n ⊙ V̂ (V̂ and ∂L/∂n are 0 on a zero row)
-                grad_V.addcmul_(V / norm, -c * sum_G_y0 / norm)
+                grad_norm = -c[:, 0] * sum_G_y0 / norm  # (out,)
+                grad_V.addcmul_(V / norm[:, None], grad_norm[:, None])
             if needs[2]:  # ∂L/∂A = s·B^T ∂L/∂V' (r, in); (beta=0: lora_A gives the shape only)
                 grad_A = torch.addmm(lora_A, lora_B.T, grad_V, beta=0, alpha=s)
             if needs[3]:  # ∂L/∂B = s·∂L/∂V' A^T (out, r)
