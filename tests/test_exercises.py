@@ -64,16 +64,123 @@ def test_each_stub_has_the_reference_signature_and_raises_naming_its_exercise(nu
 
 @shipped
 def test_the_stub_run_fails_every_test_in_one_short_screen_each():
-    """What a learner sees first: every test fails, one line each, no hypothesis noise."""
+    """What a learner sees first: every test fails, one line each, no hypothesis noise; the
+    optional steps' tests are skipped, each saying how to run it."""
     # as on a learner's machine: with CI set, pytest would not shorten its summary lines
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "BUILD_NUMBER")}
     run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_reference.py",
-                          "--impl=exercises", "-p", "no:cacheprovider"],
+                          "--impl=exercises", "-rs", "-p", "no:cacheprovider"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    counts = re.search(r"=+ (\d+) failed in", run.stdout)
+    counts = re.search(r"=+ (\d+) failed, (\d+) skipped in", run.stdout)
     assert run.returncode == 1 and counts, run.stdout[-2000:]
-    failed = int(counts.group(1))
+    failed, skipped = int(counts.group(1)), int(counts.group(2))
     collected = int(re.search(r"collected (\d+) items", run.stdout).group(1))
-    assert failed == collected
+    assert failed + skipped == collected and 0 < skipped < failed
+    # the skipped tests are those of the optional steps, which run when asked for by name
+    optional = re.findall(r"^SKIPPED \[(\d+)\] .*: optional step \w+ \(\w+\): run it with "
+                          r"--exercise \w+$", run.stdout, re.MULTILINE)
+    assert sum(map(int, optional)) == skipped, run.stdout[-2000:]
     assert run.stdout.count("not solved yet: NotImplementedError: exercise ") == failed
     assert len(run.stdout.splitlines()) <= 3 * failed + 20
+
+
+# Mistakes that learners make, each a complete solution (the reference) with one function
+# wrong: {name: (exercise, source)}. The tests of that exercise must catch each.
+HEADER = "import numpy as np\nfrom dora_minimal.reference import *  # noqa: F401,F403\n" \
+         "from dora_minimal.reference import _divide_or_zero\n\n"
+MISTAKES = {
+    "decompose returns float64": (2, """
+def decompose(W):
+    m = row_norm(W)
+    direction = np.zeros(W.shape)
+    np.divide(W, m[:, None], out=direction, where=m[:, None] != 0)
+    return m, direction
+"""),
+    "|m| in recombine": (4, """
+def recombine(m, V):
+    return _divide_or_zero(np.abs(m)[:, None] * V, row_norm(V)[:, None])
+"""),
+    "|m| in forward's scale": (5, """
+def forward(x, W0, A, B, m, scaling, bias=None):
+    c = _divide_or_zero(np.abs(m), row_norm(adapt(W0, A, B, scaling)))
+    y = c * (x @ W0.T + scaling * ((x @ A.T) @ B.T))
+    return y if bias is None else y + bias
+"""),
+    "norm / m in unmerge": (7, """
+def unmerge(W_merged, A, B, m, scaling, norm):
+    if np.any((m == 0) & (norm > 0)):
+        raise ValueError("m: erased rows")
+    return W_merged * (norm / m)[:, None] - scaling * (B @ A)
+"""),
+    "|m| in unmerge": (7, """
+def unmerge(W_merged, A, B, m, scaling, norm):
+    if np.any((m == 0) & (norm > 0)):
+        raise ValueError("m: erased rows")
+    return W_merged * _divide_or_zero(norm, np.abs(m))[:, None] - scaling * (B @ A)
+"""),
+    "unmerge checks m == 1 for erased rows": (7, """
+def unmerge(W_merged, A, B, m, scaling, norm):
+    if np.any((m == 1) & (norm > 0)):
+        raise ValueError("m: erased rows")
+    return W_merged * _divide_or_zero(norm, m)[:, None] - scaling * (B @ A)
+"""),
+    "unmerge refuses every row with m = 0": (7, """
+def unmerge(W_merged, A, B, m, scaling, norm):
+    if np.any(m == 0):
+        raise ValueError("m: erased rows")
+    return W_merged * _divide_or_zero(norm, m)[:, None] - scaling * (B @ A)
+"""),
+    "|m| in dL/dV'": (9, """
+def adapted_weight_grad(V, m, grad_W, detach_norm=True):
+    scale = _divide_or_zero(np.abs(m)[:, None], row_norm(V)[:, None])
+    if detach_norm:
+        return scale * grad_W
+    unit = _divide_or_zero(V, row_norm(V)[:, None])
+    return scale * (grad_W - np.sum(grad_W * unit, axis=1, keepdims=True) * unit)
+"""),
+    "the exact gradient by default": (9, """
+_reference_adapted_weight_grad = adapted_weight_grad
+
+
+def adapted_weight_grad(V, m, grad_W, detach_norm=False):
+    return _reference_adapted_weight_grad(V, m, grad_W, detach_norm)
+"""),
+    "dL/dm from W' instead of V'": (10, """
+_reference_backward = backward
+
+
+def backward(x, W0, A, B, m, scaling, grad_y, detach_norm=True):
+    grads = _reference_backward(x, W0, A, B, m, scaling, grad_y, detach_norm)
+    W = merge(W0, A, B, m, scaling)
+    G, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
+    grads["m"] = magnitude_grad(W, G.T @ x2)
+    return grads
+"""),
+    "the exact gradient by default in backward": (10, """
+_reference_backward = backward
+
+
+def backward(x, W0, A, B, m, scaling, grad_y, detach_norm=False):
+    return _reference_backward(x, W0, A, B, m, scaling, grad_y, detach_norm)
+"""),
+}
+
+
+@shipped
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_the_tests_of_an_exercise_catch_a_mistake_learners_make(mistake, tmp_path):
+    """A solution with this mistake fails the tests of its exercise, and the failure names the
+    exercise, its chapter and its hint."""
+    number, source = MISTAKES[mistake]
+    solution = tmp_path / "solution_with_a_mistake.py"
+    solution.write_text(HEADER + source.lstrip())
+    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_reference.py",
+                          f"--impl={solution}", "-k", f"ex{number:02d}", "-p", "no:randomly",
+                          "-p", "no:cacheprovider", "-q", "-rf"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout[-2000:]
+    failed = re.findall(r"^FAILED tests/test_reference.py::(\w+)\[", run.stdout, re.MULTILINE)
+    assert failed, run.stdout[-2000:]
+    chapter = CHAPTERS[number - 1]
+    assert f"exercise {number} ({EXERCISES[number - 1]})" in run.stdout
+    assert f"read tutorial/{chapter}.md; stuck? hint {number} in" in run.stdout
