@@ -75,8 +75,11 @@ def gradient_error(analytic, f, p, loss_terms):
     return rel_error(analytic, numeric)
 
 
-# The kinds of output rows `problems` draws, each row its own (see `problems`).
+# The kinds of output rows `problems` draws, each row its own (see `problems`); by default all
+# but dead units, whose V'_j = 0 makes a test's own m·V'/‖V'‖_c 0/0 unless it applies the
+# zero-row rule (as tests/test_reference.py does: it draws them all).
 ROW_KINDS = ("positive", "negative", "erased", "dead")
+DEFAULT_ROWS = ("positive", "negative", "erased")
 
 
 @dataclass
@@ -103,7 +106,7 @@ class Problem:
 
 @st.composite
 def problems(draw, max_dim=6, max_rank=5, batch_dims=(0, 2), scales=(-3, 3), dtype=np.float64,
-             min_tokens=0, rows=ROW_KINDS):
+             min_tokens=0, rows=DEFAULT_ROWS):
     """A random DoRA problem: small shapes (r from 1, any batch rank, possibly no token), and each
     array at its own scale 10^k with k drawn from `scales` (values over orders of magnitude).
 
@@ -116,10 +119,11 @@ def problems(draw, max_dim=6, max_rank=5, batch_dims=(0, 2), scales=(-3, 3), dty
                   undo;
       "dead"      W0_j = 0, B_j = 0 and m_j = 0: a dead unit, as decompose leaves a zero row of
                   W0 at initialization; V'_j = 0 has no direction, and the zero-row rule applies.
+    The default, DEFAULT_ROWS, leaves dead units out; rows=ROW_KINDS draws them too, and
+    rows=("positive",) what the generator drew before magnitudes could be negative or zero.
     Every array is a NumPy array of `dtype` (scaling is a float): a PyTorch test converts them,
     e.g. torch.from_numpy(p.W0). `p.rows` holds each row's kind, `p.rows_of(kind, ...)` their
-    indices. rows=("positive",) draws what the generator drew before magnitudes could be
-    negative or zero.
+    indices.
     """
     unknown = set(rows) - set(ROW_KINDS)
     if not rows or unknown:

@@ -18,11 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
-from helpers import ROW_KINDS, gradient_error, problems, rel_error
+import helpers
+from helpers import ROW_KINDS, gradient_error, rel_error
 
 DATA = Path(__file__).parent / "data"
+
+
+def problems(**options):
+    """helpers.problems with output rows of every kind (positive, negative, erased, dead)
+    unless `rows` says otherwise."""
+    return helpers.problems(**{"rows": ROW_KINDS, **options})
 
 
 def exercise(n, eq=None):
@@ -354,9 +361,10 @@ def test_unmerge_refuses_a_row_that_merge_erased(dora, p, row):
     """A row with m = 0 and ‖V'‖ > 0 merged to zeros: its W0 is lost, and unmerge must say so,
     whatever the other rows' magnitudes (of either sign, dead units too)."""
     row = row % p.W0.shape[0]
-    p.W0[row] = p.W0[row] + 1.0  # a non-zero row of W0 and of V' (a dead unit's W0 is 0)
-    p.B[row] = 0.0
+    if not np.any(p.W0[row]):
+        p.W0[row] = p.A[0]  # a dead unit's W0 is 0: a row at a drawn scale instead
     p.m[row] = 0.0
+    assume(np.any(adapted(p)[row]))  # V'_j is not 0 (at any scale)
     with pytest.raises(ValueError):
         dora.unmerge(merged(p), p.A, p.B, p.m, p.scaling, norms(adapted(p)))
 
