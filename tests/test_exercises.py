@@ -5,7 +5,9 @@ stubs themselves are checked only with --shipped-exercises (.ci/run passes it), 
 solves them in place: they mirror the reference (names, signatures), each raises
 NotImplementedError naming its exercise, and pointed at them every test fails, in a few lines.
 With the same option, tests/test_reference.py checks that each of its tests needs exactly the
-exercises it is marked with (see conftest.py).
+exercises it is marked with (see conftest.py), and the tests here check that the graded tests
+teach: solutions with mistakes learners make fail them, and the equations written as a learner
+first writes them pass them (all but the optional step 1b's).
 """
 
 import inspect
@@ -184,3 +186,98 @@ def test_the_tests_of_an_exercise_catch_a_mistake_learners_make(mistake, tmp_pat
     chapter = CHAPTERS[number - 1]
     assert f"exercise {number} ({EXERCISES[number - 1]})" in run.stdout
     assert f"read tutorial/{chapter}.md; stuck? hint {number} in" in run.stdout
+
+
+# The ten exercises as a learner first writes them, following the hints: the equations with the
+# zero-row rule, and no care for overflow or underflow.
+NATURAL_SOLUTION = '''import numpy as np
+
+
+def row_norm(W):
+    return np.sqrt(np.sum(W**2, axis=1))
+
+
+def unit_rows(V):
+    n = row_norm(V)[:, None]
+    return np.divide(V, n, out=np.zeros_like(V), where=n != 0)
+
+
+def decompose(W):
+    return row_norm(W), unit_rows(W)
+
+
+def adapt(W0, A, B, scaling):
+    return W0 + scaling * (B @ A)
+
+
+def recombine(m, V):
+    return m[:, None] * unit_rows(V)
+
+
+def scale(m, V):
+    n = row_norm(V)
+    return np.divide(m, n, out=np.zeros_like(m), where=n != 0)
+
+
+def forward(x, W0, A, B, m, scaling, bias=None):
+    c = scale(m, adapt(W0, A, B, scaling))
+    y = c * (x @ W0.T + scaling * ((x @ A.T) @ B.T))
+    return y if bias is None else y + bias
+
+
+def merge(W0, A, B, m, scaling):
+    return recombine(m, adapt(W0, A, B, scaling))
+
+
+def unmerge(W_merged, A, B, m, scaling, norm):
+    if np.any((m == 0) & (norm > 0)):
+        raise ValueError("m: a row with m = 0 was erased by merge")
+    ratio = np.divide(norm, m, out=np.zeros_like(norm), where=m != 0)
+    return W_merged * ratio[:, None] - scaling * (B @ A)
+
+
+def magnitude_grad(V, grad_W):
+    return scale(np.sum(grad_W * V, axis=1), V)
+
+
+def adapted_weight_grad(V, m, grad_W, detach_norm=True):
+    c = scale(m, V)[:, None]
+    if detach_norm:
+        return c * grad_W
+    u = unit_rows(V)
+    return c * (grad_W - np.sum(grad_W * u, axis=1, keepdims=True) * u)
+
+
+def backward(x, W0, A, B, m, scaling, grad_y, detach_norm=True):
+    x2 = x.reshape(-1, x.shape[-1])
+    G = grad_y.reshape(-1, grad_y.shape[-1])
+    V = adapt(W0, A, B, scaling)
+    grad_W = G.T @ x2
+    grad_V = adapted_weight_grad(V, m, grad_W, detach_norm)
+    return {"x": (G @ recombine(m, V)).reshape(x.shape), "A": scaling * B.T @ grad_V,
+            "B": scaling * grad_V @ A.T, "m": magnitude_grad(V, grad_W)}
+'''
+
+
+@shipped
+def test_a_natural_solution_passes_every_exercise_and_fails_only_the_optional_step_1b(tmp_path):
+    """Exercise 1 asks for the row norm, not for range safety: the equations as a learner first
+    writes them pass every exercise's tests, and fail only those of step 1b."""
+    solution = tmp_path / "natural_solution.py"
+    solution.write_text(NATURAL_SOLUTION)
+
+    def run(*options):
+        return subprocess.run([sys.executable, "-m", "pytest", "tests/test_reference.py",
+                               f"--impl={solution}", "-p", "no:randomly", "-p",
+                               "no:cacheprovider", "-q", "-rfs", *options],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    every_exercise = run()
+    assert every_exercise.returncode == 0, every_exercise.stdout[-2000:]
+    assert re.search(r"\d+ passed, \d+ skipped in", every_exercise.stdout)
+    step_1b = run("--exercise", "1b")
+    assert step_1b.returncode == 1, step_1b.stdout[-2000:]
+    failed = re.findall(r"^FAILED tests/test_reference.py::\w+\[(\w+)", step_1b.stdout,
+                        re.MULTILINE)
+    assert failed and set(failed) == {"ex01b"}, step_1b.stdout[-2000:]
+    assert "optional step 1b (row_norm), the paper's Eq. 2" in step_1b.stdout
+    assert "stuck? hint 1b in tutorial/exercises/HINTS.md" in step_1b.stdout
