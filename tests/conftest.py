@@ -34,9 +34,11 @@ settings.register_profile("fast", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-# mutation testing (.ci/mutation.py): the fast profile with a fixed seed, so that runs agree
+# mutation testing (.ci/mutation.py): the fast profile with a fixed seed, so that runs agree, and
+# no shrinking: whether a mutant fails a test counts, not its smallest failing example
 settings.register_profile("mutation", max_examples=25, deadline=None, derandomize=True,
-                          database=None, suppress_health_check=[HealthCheck.too_slow])
+                          database=None, suppress_health_check=[HealthCheck.too_slow],
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 # --shipped-exercises: a test that must fail on a stub fails at its first example, unshrunk
 settings.register_profile("shipped", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow],
