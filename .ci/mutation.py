@@ -2,7 +2,8 @@
 
     pip install -e ".[mutation]"
     python .ci/mutation.py dora_minimal/reference.py tests/test_reference.py
-    python .ci/mutation.py dora_minimal/reference.py tests/test_reference.py tests/test_validation.py
+    python .ci/mutation.py dora_minimal/reference.py tests/test_reference.py \
+        tests/test_validation.py
 
 mutmut changes the target file one operator, number, name or keyword argument at a time (a
 "mutant") and runs the given tests against each mutant: a mutant that makes a test fail is
