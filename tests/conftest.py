@@ -4,11 +4,14 @@
     HYPOTHESIS_PROFILE=thorough pytest      # many more examples per property
     pytest tests/test_reference.py --impl=exercises                # your tutorial/exercises/dora.py
     pytest tests/test_reference.py --impl=exercises --exercise 3   # only what exercises 1-3 need
+    pytest tests/test_reference.py --impl=exercises --exercise 1b  # exercise 1 and its optional 1b
     pytest tests/test_reference.py --impl=path/to/my_dora.py       # a file of your own
     pytest tests/test_reference.py tests/test_exercises.py --shipped-exercises   # CI (.ci/run)
 
 Every test of tests/test_reference.py is marked `@exercise(n, eq)`: it runs once exercises 1..n
-are solved, and it checks the paper's equation `eq`. Both show in its id, `[ex03-Eq5]`.
+are solved, and it checks the paper's equation `eq`. Both show in its id, `[ex03-Eq5]`. An
+optional step such as "1b" (helpers.OPTIONAL_STEPS) runs only when --exercise names it, and with
+the reference: a learner's other runs skip it, saying how to run it.
 """
 
 import argparse
@@ -22,7 +25,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from helpers import CHAPTERS, EXERCISES
+from helpers import CHAPTERS, EXERCISES, OPTIONAL_STEPS, natural_row_norm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +34,11 @@ settings.register_profile("fast", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
+# mutation testing (.ci/mutation.py): the fast profile with a fixed seed, so that runs agree, and
+# no shrinking: whether a mutant fails a test counts, not its smallest failing example
+settings.register_profile("mutation", max_examples=25, deadline=None, derandomize=True,
+                          database=None, suppress_health_check=[HealthCheck.too_slow],
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 # --shipped-exercises: a test that must fail on a stub fails at its first example, unshrunk
 settings.register_profile("shipped", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow],
@@ -55,11 +63,19 @@ def implementation(value):
 
 
 def exercise_number(value):
-    """--exercise's value: an integer from 1 to 10."""
+    """--exercise's value: an integer from 1 to 10, or the name of an optional step ("1b")."""
     if value.isdigit() and 1 <= int(value) <= len(EXERCISES):
         return int(value)
+    if value in OPTIONAL_STEPS:
+        return value
     raise argparse.ArgumentTypeError(
-        f"expected an exercise number from 1 to {len(EXERCISES)}, got {value!r}")
+        f"expected an exercise number from 1 to {len(EXERCISES)} or an optional step "
+        f"({', '.join(OPTIONAL_STEPS)}), got {value!r}")
+
+
+def exercise_of(step):
+    """The exercise a step belongs to: 3 for 3, 1 for the optional step "1b"."""
+    return step if isinstance(step, int) else int(step.rstrip("abcdefghijklmnopqrstuvwxyz"))
 
 
 def pytest_addoption(parser):
@@ -69,7 +85,8 @@ def pytest_addoption(parser):
                           "file with the same ten functions")
     parser.addoption("--exercise", type=exercise_number, default=None, metavar="N",
                      help="run only the tests of tests/test_reference.py that exercises 1..N "
-                          "make runnable")
+                          "make runnable; an optional step (1b) runs those of its exercise "
+                          "and its own")
     parser.addoption("--shipped-exercises", action="store_true",
                      help="CI: check tutorial/exercises/dora.py as shipped (unsolved stubs), and "
                           "that each test needs exactly the exercises it is marked with")
@@ -93,16 +110,21 @@ def pytest_configure(config):
 
 
 def exercise_label(marker):
-    """The id of a test marked @exercise(n, eq): 'ex03-Eq5' (two digits, so -k ex01 is not ex10)."""
+    """The id of a test marked @exercise(n, eq): 'ex03-Eq5' (two digits, so -k ex01 is not ex10),
+    'ex01b-Eq2' for the optional step 1b."""
     n, eq = marker.args
-    return f"ex{n:02d}" + ("" if eq is None else f"-Eq{eq}")
+    step = f"{exercise_of(n):02d}" + ("" if isinstance(n, int) else n.lstrip("0123456789"))
+    return f"ex{step}" + ("" if eq is None else f"-Eq{eq}")
 
 
 def pytest_generate_tests(metafunc):
     """Point each test that takes `dora` at the module under test, its id naming its exercise.
 
     With --shipped-exercises, a test marked @exercise(n, ...) runs twice: against the stubs with
-    exercises 1..n taken from the reference (it must pass), and with 1..n-1 (it must fail).
+    exercises 1..n solved (it must pass), and with 1..n-1 (it must fail). Solved means taken from
+    the reference, except row_norm, which is the natural one of helpers.natural_row_norm: no test
+    but those of the optional step 1b may need a range-safe norm. A test of step 1b runs with the
+    reference's row_norm (it must pass) and with the natural one (it must fail).
     """
     if "dora" not in metafunc.fixturenames:
         return
@@ -115,12 +137,20 @@ def pytest_generate_tests(metafunc):
                              indirect=True, scope="session")
         return
     n = marker.args[0]
-    metafunc.parametrize("dora", [
-        pytest.param(n, id=f"{label}-solved"),
-        pytest.param(n - 1, id=f"{label}-stub", marks=pytest.mark.xfail(
-            raises=NotImplementedError, strict=True,
-            reason=f"exercise {n} is a stub: the test must fail on it")),
-    ], indirect=True, scope="session")
+    if n in OPTIONAL_STEPS:
+        variants = [
+            pytest.param((exercise_of(n), "reference"), id=f"{label}-solved"),
+            pytest.param((exercise_of(n), "natural"), id=f"{label}-natural", marks=[
+                pytest.mark.xfail(raises=AssertionError, strict=True,
+                                  reason=f"step {n} not done: the test must fail"),
+                pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")])]
+    else:
+        variants = [
+            pytest.param((n, "natural"), id=f"{label}-solved"),
+            pytest.param((n - 1, "natural"), id=f"{label}-stub", marks=pytest.mark.xfail(
+                raises=NotImplementedError, strict=True,
+                reason=f"exercise {n} is a stub: the test must fail on it"))]
+    metafunc.parametrize("dora", variants, indirect=True, scope="session")
 
 
 def load_module(impl):
@@ -135,21 +165,25 @@ def load_module(impl):
     return module
 
 
-def solved_up_to(n):
-    """The shipped exercises with exercises 1..n replaced by the reference's functions."""
-    module = types.ModuleType(f"exercises_solved_up_to_{n}")
+def solved_up_to(n, row_norm="reference"):
+    """The shipped exercises with exercises 1..n replaced by the reference's functions, except
+    row_norm (if n >= 1), which is the reference's or the natural one (helpers.natural_row_norm).
+    """
+    module = types.ModuleType(f"exercises_solved_up_to_{n}_{row_norm}_row_norm")
     module.__dict__.update(vars(load_module("exercises")))
     reference = load_module("reference")
     for name in EXERCISES[:n]:
         setattr(module, name, getattr(reference, name))
+    if n >= 1 and row_norm == "natural":
+        module.row_norm = natural_row_norm
     return module
 
 
 @pytest.fixture(scope="session")
 def dora(request):
     """The module under test by tests/test_reference.py (see --impl and --shipped-exercises)."""
-    if isinstance(request.param, int):
-        return solved_up_to(request.param)
+    if isinstance(request.param, tuple):
+        return solved_up_to(*request.param)
     try:
         return load_module(request.param)
     except Exception as error:  # once, not once per test
@@ -159,7 +193,9 @@ def dora(request):
 
 def pytest_collection_modifyitems(config, items):
     """Skip the checks of the shipped stubs unless --shipped-exercises (a learner solves them in
-    place), and with --exercise N keep only the tests of exercises 1..N."""
+    place), and with --exercise N keep only the tests of exercises 1..N. An optional step's
+    tests run with --exercise naming it (with those of its exercise), with the reference and
+    with --shipped-exercises; a learner's other runs skip them, saying how to run them."""
     if not config.getoption("--shipped-exercises"):
         skip = pytest.mark.skip(reason="checks the unsolved exercises; .ci/run passes "
                                        "--shipped-exercises")
@@ -167,12 +203,28 @@ def pytest_collection_modifyitems(config, items):
             if item.get_closest_marker("shipped_exercises"):
                 item.add_marker(skip)
     last = config.getoption("--exercise")
+    learner = config.getoption("--impl") != "reference" and not config.getoption(
+        "--shipped-exercises")
     if last is None:
+        for item in items:
+            marker = item.get_closest_marker("exercise")
+            if learner and marker is not None and marker.args[0] in OPTIONAL_STEPS:
+                step = marker.args[0]
+                item.add_marker(pytest.mark.skip(
+                    reason=f"optional step {step} ({OPTIONAL_STEPS[step][0]}): run it with "
+                           f"--exercise {step}"))
         return
+
+    def selected_by(step):
+        if step in OPTIONAL_STEPS:
+            return step == last
+        return step <= exercise_of(last)
+
     selected, deselected = [], []
     for item in items:
         marker = item.get_closest_marker("exercise")
-        (selected if marker is not None and marker.args[0] <= last else deselected).append(item)
+        (selected if marker is not None and selected_by(marker.args[0])
+         else deselected).append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected
@@ -191,9 +243,12 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"not solved yet: NotImplementedError: {call.excinfo.value}"
     elif item.config.getoption("--impl") != "reference":
         equation = "" if eq is None else f", the paper's Eq. {eq}"
+        name, chapter = (OPTIONAL_STEPS[n] if n in OPTIONAL_STEPS
+                         else (EXERCISES[n - 1], CHAPTERS[n - 1]))
+        what = "optional step" if n in OPTIONAL_STEPS else "exercise"
         report.sections.append((
-            f"exercise {n} ({EXERCISES[n - 1]}){equation}",
-            f"read tutorial/{CHAPTERS[n - 1]}.md; stuck? hint {n} in tutorial/exercises/HINTS.md"))
+            f"{what} {n} ({name}){equation}",
+            f"read tutorial/{chapter}.md; stuck? hint {n} in tutorial/exercises/HINTS.md"))
     return report
 
 

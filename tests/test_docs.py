@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import test_reference
-from helpers import CHAPTERS, EXERCISES
+from helpers import CHAPTERS, EXERCISES, OPTIONAL_STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md"] + sorted((ROOT / "tutorial").glob("[0-9]*.md"))
@@ -133,6 +133,7 @@ def test_the_docs_name_tests_that_exist_under_the_exercises_that_make_them_runna
                   for name in re.findall(r"^def (test_\w+)", test_file.read_text(), re.MULTILINE)}
     exercise = exercise_of_each_test()
     taught_here = {n for n, chapter in enumerate(CHAPTERS, 1) if chapter == path.stem}
+    taught_here |= {step for step, (_, chapter) in OPTIONAL_STEPS.items() if chapter == path.stem}
     for pattern in mentioned_tests(path.read_text()):
         assert matching(pattern, every_test), f"{path.name} names {pattern}, which is no test"
         if taught_here:
@@ -149,6 +150,10 @@ def test_the_exercise_tables_and_hints_follow_the_exercises():
     hints = (ROOT / "tutorial" / "exercises" / "HINTS.md").read_text()
     assert re.findall(r"<summary>(\d+)\. (\w+)</summary>", hints) == [
         (str(n), name) for n, name in enumerate(EXERCISES, 1)]
+    for step, (name, chapter) in OPTIONAL_STEPS.items():  # optional: a hint, and a table row
+        assert f"<summary>{step}. {name} (optional)" in hints, step
+        assert re.search(rf"^\| {step} \| `{name}`.*\| \[\d+\]\(\.\./{chapter}\.md\) \|",
+                         readme, re.MULTILINE), step
     index = (ROOT / "tutorial" / "README.md").read_text()
     for n, chapter in enumerate(CHAPTERS, 1):
         row = re.search(rf"^\| \[[^]]*\]\({chapter}\.md\) \|.*\| ([^|]*) \|$", index,

@@ -5,18 +5,31 @@ in tutorial/exercises/dora.py with `--impl=exercises`, or a file of yours with `
 Every test is marked with the exercise that makes it runnable (it calls exercises up to that one)
 and the equation it checks; `--exercise N` runs the tests of exercises 1..N (see conftest.py).
 Every expected value is computed here independently, with plain NumPy, from the equations.
+
+The problems have output rows of four kinds (helpers.problems): magnitudes of either sign, rows
+erased by a magnitude of exactly 0, and dead units (a zero row of W0 and of B, m = 0), so every
+property holds for them too. Exercise 1's tests need only the equation; making row_norm safe from
+overflow and underflow is the optional step 1b (--exercise 1b).
 """
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
-from helpers import gradient_error, problems, rel_error
+import helpers
+from helpers import ROW_KINDS, gradient_error, rel_error
 
 DATA = Path(__file__).parent / "data"
+
+
+def problems(**options):
+    """helpers.problems with output rows of every kind (positive, negative, erased, dead)
+    unless `rows` says otherwise."""
+    return helpers.problems(**{"rows": ROW_KINDS, **options})
 
 
 def exercise(n, eq=None):
@@ -36,11 +49,28 @@ def adapted(p, A=None, B=None):
     return p.W0 + p.scaling * B @ A
 
 
+def over_norms(numerator, V):
+    """numerator / ‖V‖_c row by row, 0 where a row of V is 0 (the zero-row rule)."""
+    n = norms(V)
+    n = n.reshape(n.shape + (1,) * (np.ndim(numerator) - 1))
+    return np.divide(numerator, n, out=np.zeros(np.shape(numerator)), where=n != 0)
+
+
 def merged(p, m=None, B=None):
     """W' = m · V'/‖V'‖_c (Eq. 5), computed independently of the module under test."""
     m = p.m if m is None else m
-    V = adapted(p, B=B)
-    return m[:, None] * V / norms(V)[:, None]
+    return over_norms(m[:, None] * adapted(p, B=B), adapted(p, B=B))
+
+
+# rows that unmerge can undo: all but the erased ones
+UNERASED = tuple(kind for kind in ROW_KINDS if kind != "erased")
+
+
+def make_dead(p, row):
+    """p with row `row` (modulo out) a dead unit: W0, B and m zero there."""
+    row = row % p.W0.shape[0]
+    p.W0[row], p.B[row], p.m[row] = 0.0, 0.0, 0.0
+    return row
 
 
 def with_zero_row(p, row):
@@ -77,18 +107,52 @@ def test_row_norm_is_the_l2_norm_of_each_output_row(dora, p):
 
 
 @exercise(1, eq=2)
-@pytest.mark.parametrize("scale", [1e-200, 1e-20, 1.0, 1e20, 1e200])
+@given(problems(dtype=np.float32))
+def test_row_norm_of_float32_is_float32(dora, p):
+    """Outputs come back in the input's dtype (float32 here): no silent copy to float64."""
+    n = dora.row_norm(p.W0)
+    assert n.dtype == np.float32 and rel_error(n, norms(p.W0.astype(np.float64))) < 1e-6
+
+
+# --- Optional step 1b: row_norm safe from overflow and underflow ------------------------------
+
+def exact_norms(W):
+    """‖W‖_c by math.hypot, which neither overflows nor underflows (in float64)."""
+    return np.array([math.hypot(*row) for row in W.astype(np.float64)])
+
+
+@exercise("1b", eq=2)
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
 def test_row_norm_of_huge_and_tiny_float64_rows_neither_overflows_nor_underflows(dora, scale):
     """Squares of 1e200 overflow float64 and squares of 1e-200 underflow it."""
     W = np.random.default_rng(7).standard_normal((5, 4))
     np.testing.assert_allclose(dora.row_norm(W * scale), norms(W) * scale, rtol=1e-14)
 
 
-@exercise(1, eq=2)
+@exercise("1b", eq=2)
 def test_row_norm_of_tiny_float32_weights_does_not_underflow(dora):
     """1e-30² underflows float32: squaring first would give a norm of 0."""
     W = np.full((2, 3), 1e-30, dtype=np.float32)
     np.testing.assert_allclose(dora.row_norm(W), np.sqrt(3) * 1e-30, rtol=1e-6)
+
+
+@exercise("1b", eq=2)
+@pytest.mark.parametrize("dtype, largest", [(np.float64, 300), (np.float32, 37)],
+                         ids=["float64", "float32"])
+@given(data=st.data())
+def test_row_norm_of_rows_mixing_huge_and_tiny_entries(dora, dtype, largest, data):
+    """Entries from 10^-largest to 10^largest of either sign in one row, and rows of zeros:
+    each row's norm is still its norm (to the dtype's precision), in the input's dtype."""
+    out, inp = data.draw(st.integers(1, 5), label="out"), data.draw(st.integers(1, 5), label="in")
+    exponents = data.draw(st.lists(st.integers(-largest, largest), min_size=out * inp,
+                                   max_size=out * inp), label="exponents")
+    signs = data.draw(st.lists(st.sampled_from([-1.0, 0.0, 1.0]), min_size=out * inp,
+                               max_size=out * inp), label="signs")
+    W = (np.array(signs) * 10.0 ** np.array(exponents, dtype=np.float64)).reshape(out, inp)
+    W = W.astype(dtype)
+    n = dora.row_norm(W)
+    assert n.dtype == dtype
+    np.testing.assert_allclose(n, exact_norms(W), rtol=1e-14 if dtype == np.float64 else 1e-6)
 
 
 # --- Exercise 2: decompose (Eq. 2) ------------------------------------------------------------
@@ -96,12 +160,22 @@ def test_row_norm_of_tiny_float32_weights_does_not_underflow(dora):
 @exercise(2, eq=2)
 @given(problems())
 def test_decompose_reconstructs_W_from_magnitude_and_unit_rows(dora, p):
-    """Eq. 2: W0 = m · V/‖V‖_c with m = ‖W0‖_c; the direction has unit rows."""
+    """Eq. 2: W0 = m · V/‖V‖_c with m = ‖W0‖_c; the direction has unit rows (zero rows, such
+    as a dead unit's, have a zero direction)."""
     m, direction = dora.decompose(p.W0)
     assert m.shape == (p.W0.shape[0],) and direction.shape == p.W0.shape
     assert rel_error(m, norms(p.W0)) < 1e-14
-    np.testing.assert_allclose(norms(direction), 1.0, rtol=1e-13)
+    np.testing.assert_allclose(norms(direction), np.where(norms(p.W0) > 0, 1.0, 0.0),
+                               rtol=1e-13)
     assert rel_error(m[:, None] * direction, p.W0) < 1e-14
+
+
+@exercise(2, eq=2)
+@given(problems(dtype=np.float32))
+def test_decompose_of_float32_is_float32(dora, p):
+    m, direction = dora.decompose(p.W0)
+    assert m.dtype == np.float32 and direction.dtype == np.float32
+    assert rel_error(m[:, None] * direction, p.W0) < 1e-6
 
 
 @exercise(2, eq=2)
@@ -128,9 +202,30 @@ def test_adapt_adds_the_scaled_low_rank_update(dora, p):
 @exercise(4, eq=5)
 @given(problems())
 def test_recombine_gives_rows_of_norm_abs_m(dora, p):
-    """Eq. 5: W' = m · V'/‖V'‖_c, so ‖W'‖_c = |m| row by row."""
+    """Eq. 5: W' = m · V'/‖V'‖_c, so ‖W'‖_c = |m| row by row (0 for a dead unit)."""
     W = dora.recombine(p.m, adapted(p))
     np.testing.assert_allclose(norms(W), np.abs(p.m), rtol=1e-13)
+
+
+@exercise(4, eq=5)
+@given(problems())
+def test_recombine_points_each_row_along_V_for_positive_m_and_against_it_for_negative_m(dora, p):
+    """Eq. 5 with m of either sign: W'_j = m_j V'_j/‖V'_j‖, so W'_j · V'_j = m_j ‖V'_j‖. The
+    magnitude is trained and can cross zero; taking |m| would turn such a row around."""
+    V = adapted(p)
+    W = dora.recombine(p.m, V)
+    assert rel_error(W, merged(p)) < 1e-13
+    np.testing.assert_allclose(np.sum(W * V, axis=1), p.m * norms(V), rtol=1e-12,
+                               atol=1e-300)
+
+
+@exercise(4, eq=5)
+@given(problems(dtype=np.float32))
+def test_recombine_of_float32_is_float32(dora, p):
+    V = adapted(p)
+    W = dora.recombine(p.m, V)
+    assert W.dtype == np.float32
+    assert rel_error(W, merged(p)) < 1e-5
 
 
 @exercise(4, eq=5)
@@ -154,6 +249,17 @@ def test_forward_equals_the_linear_map_with_the_merged_weight(dora, p):
     y = dora.forward(p.x, p.W0, p.A, p.B, p.m, p.scaling, p.bias)
     assert y.shape == p.x.shape[:-1] + (p.W0.shape[0],)
     assert rel_error(y, expected) < 1e-12
+
+
+@exercise(5, eq=5)
+@given(problems(dtype=np.float32, min_tokens=1))
+def test_forward_of_float32_is_float32(dora, p):
+    y = dora.forward(p.x, p.W0, p.A, p.B, p.m, p.scaling, p.bias)
+    assert y.dtype == np.float32
+    expected = p.x @ merged(p).T + (0 if p.bias is None else p.bias)
+    terms = np.abs(p.x) @ np.abs(merged(p)).T  # the round-off of float32 is relative to these
+    assert np.all(np.abs(y - expected) <= 1e-5 * (np.max(terms, initial=0)
+                                                 + np.max(np.abs(expected), initial=0)))
 
 
 @exercise(5, eq=5)
@@ -229,20 +335,48 @@ def test_merge_agrees_with_peft_golden_vectors(dora, case):
 # --- Exercise 7: unmerge (Eq. 5 solved for W0) ------------------------------------------------
 
 @exercise(7, eq=5)
-@given(problems())
+@given(problems(rows=UNERASED))
 def test_unmerge_of_merge_returns_W0(dora, p):
-    """W0 = W' ‖V'‖_c / m - s·B A, with the norm stored at merge time (float64: <= 1e-12)."""
+    """W0 = W' ‖V'‖_c / m - s·B A, with the norm stored at merge time (float64: <= 1e-12), for
+    m of either sign and for dead units."""
     restored = dora.unmerge(merged(p), p.A, p.B, p.m, p.scaling, norms(adapted(p)))
     assert rel_error(restored, p.W0) <= 1e-12
 
 
 @exercise(7, eq=5)
-def test_unmerge_refuses_a_row_that_merge_erased(dora):
-    """A row with m = 0 merged to zeros: its W0 is lost, and unmerge must say so."""
-    W0, A, B = np.ones((2, 3)), np.ones((1, 3)), np.ones((2, 1))
-    m = np.array([0.0, 1.0])
+@given(p=problems(rows=UNERASED), row=st.integers(0, 5))
+def test_unmerge_of_a_dead_unit_returns_its_zero_row(dora, p, row):
+    """A dead unit (W0_j = 0, B_j = 0, so ‖V'_j‖ = 0, and m_j = 0) merges to a zero row and
+    unmerges to W0_j = V'_j - s·B_j A = 0 - 0 = 0: ‖V'_j‖/m_j = 0/0 must count as 0 (the zero-row
+    rule), and the unit is not erased (nothing was lost)."""
+    row = make_dead(p, row)
+    restored = dora.unmerge(merged(p), p.A, p.B, p.m, p.scaling, norms(adapted(p)))
+    assert np.all(restored[row] == 0)
+    assert rel_error(restored, p.W0) <= 1e-12
+
+
+@exercise(7, eq=5)
+@given(p=problems(rows=UNERASED), row=st.integers(0, 5))
+def test_unmerge_refuses_a_row_that_merge_erased(dora, p, row):
+    """A row with m = 0 and ‖V'‖ > 0 merged to zeros: its W0 is lost, and unmerge must say so,
+    whatever the other rows' magnitudes (of either sign, dead units too)."""
+    row = row % p.W0.shape[0]
+    if not np.any(p.W0[row]):
+        p.W0[row] = p.A[0]  # a dead unit's W0 is 0: a row at a drawn scale instead
+    p.m[row] = 0.0
+    assume(np.any(adapted(p)[row]))  # V'_j is not 0 (at any scale)
     with pytest.raises(ValueError):
-        dora.unmerge(m[:, None] * W0, A, B, m, 1.0, np.array([2.0, 2.0]))
+        dora.unmerge(merged(p), p.A, p.B, p.m, p.scaling, norms(adapted(p)))
+
+
+@exercise(7, eq=5)
+@given(problems(dtype=np.float32, rows=UNERASED))
+def test_merge_and_unmerge_of_float32_are_float32(dora, p):
+    W = dora.merge(p.W0, p.A, p.B, p.m, p.scaling)
+    norm = norms(adapted(p)).astype(np.float32)
+    restored = dora.unmerge(W, p.A, p.B, p.m, p.scaling, norm)
+    assert W.dtype == np.float32 and restored.dtype == np.float32
+    assert rel_error(restored, p.W0, scale=np.max(np.abs(p.scaling * p.B @ p.A))) < 1e-4
 
 
 # --- Exercise 8: magnitude_grad (Eq. 7) -------------------------------------------------------
@@ -253,7 +387,7 @@ def test_magnitude_grad_is_eq7(dora, p):
     """Eq. 7: ∂L/∂m_j = (∂L/∂W'_j · V'_j)/‖V'_j‖, here with ∂L/∂W' = G^T x."""
     V = adapted(p)
     x2, G = p.x.reshape(-1, p.x.shape[-1]), p.grad_y.reshape(-1, p.grad_y.shape[-1])
-    expected = np.sum(G * (x2 @ V.T), axis=0) / norms(V)  # Σ_t G_tj (x V'^T)_tj / ‖V'_j‖
+    expected = over_norms(np.sum(G * (x2 @ V.T), axis=0), V)  # Σ_t G_tj (x V'^T)_tj / ‖V'_j‖
     assert rel_error(dora.magnitude_grad(V, G.T @ x2), expected) < 1e-12
 
 
@@ -271,8 +405,8 @@ def test_exact_gradient_wrt_V_is_projected_orthogonal_to_V(dora, p):
     assert np.all(np.abs(row_dots) <= 1e-12 * norms(grad_V) * norms(V) + 1e-300)
 
     def loss():
-        return np.sum(grad_W * (p.m[:, None] * V / norms(V)[:, None]))
-    terms = grad_W * (p.m[:, None] * V / norms(V)[:, None])
+        return np.sum(grad_W * over_norms(p.m[:, None] * V, V))
+    terms = grad_W * over_norms(p.m[:, None] * V, V)
     assert gradient_error(grad_V, loss, V, terms) < 1e-6
 
 
@@ -282,8 +416,18 @@ def test_detached_gradient_wrt_V_is_the_scaled_gradient_wrt_W(dora, p):
     """Eq. 11: with ‖V'‖_c treated as a constant, ∂L/∂V' = (m/‖V'‖_c) ∂L/∂W'."""
     V = adapted(p)
     grad_W = np.random.default_rng(1).standard_normal(V.shape)
-    expected = (p.m / norms(V))[:, None] * grad_W
+    expected = over_norms(p.m, V)[:, None] * grad_W
     assert rel_error(dora.adapted_weight_grad(V, p.m, grad_W, detach_norm=True), expected) < 1e-14
+
+
+@exercise(9, eq=11)
+@given(problems())
+def test_adapted_weight_grad_detaches_the_norm_by_default(dora, p):
+    """detach_norm=True is the default (the paper's §4.3, and PEFT's only mode): Eq. 11."""
+    V = adapted(p)
+    grad_W = np.random.default_rng(2).standard_normal(V.shape)
+    expected = over_norms(p.m, V)[:, None] * grad_W
+    assert rel_error(dora.adapted_weight_grad(V, p.m, grad_W), expected) < 1e-14
 
 
 # --- Exercise 10: backward (Eq. 6, 7 and 11) --------------------------------------------------
@@ -297,10 +441,10 @@ def loss_exact(p):
 
 def loss_detached(p):
     """The same loss with ‖V'‖_c frozen at its current value: a constant, as Eq. 11 treats it."""
-    frozen = norms(adapted(p))
+    frozen = adapted(p)
 
     def loss():
-        return np.sum(p.grad_y * (p.x @ adapted(p).T) * (p.m / frozen))
+        return np.sum(p.grad_y * (p.x @ adapted(p).T) * over_norms(p.m, frozen))
     return loss
 
 
@@ -325,9 +469,38 @@ def test_backward_magnitude_gradient_is_eq7_in_both_modes(dora, p, detach_norm):
     """Eq. 7: ∂L/∂m_j = Σ_t G_tj (x V'^T)_tj / ‖V'_j‖, whether the norm is detached or not."""
     V = adapted(p)
     x2, G = p.x.reshape(-1, p.x.shape[-1]), p.grad_y.reshape(-1, p.grad_y.shape[-1])
-    expected = np.sum(G * (x2 @ V.T), axis=0) / norms(V)
+    expected = over_norms(np.sum(G * (x2 @ V.T), axis=0), V)
     grads = dora.backward(p.x, p.W0, p.A, p.B, p.m, p.scaling, p.grad_y, detach_norm=detach_norm)
     assert rel_error(grads["m"], expected) < 1e-12
+
+
+def detached_gradients(p):
+    """Eq. 7 and 11 written out: ∂L/∂x, ∂L/∂A, ∂L/∂B, ∂L/∂m with ‖V'‖_c a constant."""
+    x2, G = p.x.reshape(-1, p.x.shape[-1]), p.grad_y.reshape(-1, p.grad_y.shape[-1])
+    V = adapted(p)
+    grad_W = G.T @ x2  # (out, in)
+    grad_V = over_norms(p.m, V)[:, None] * grad_W  # Eq. 11
+    return {"x": (G @ merged(p)).reshape(p.x.shape), "A": p.scaling * p.B.T @ grad_V,
+            "B": p.scaling * grad_V @ p.A.T, "m": over_norms(np.sum(grad_W * V, axis=1), V)}
+
+
+@exercise(10, eq=11)
+@given(problems(min_tokens=1))
+def test_backward_detaches_the_norm_by_default(dora, p):
+    """detach_norm=True is the default (the paper's §4.3, and PEFT's only mode): Eq. 11."""
+    grads = dora.backward(p.x, p.W0, p.A, p.B, p.m, p.scaling, p.grad_y)
+    for name, expected in detached_gradients(p).items():
+        assert rel_error(grads[name], expected) < 1e-12, f"∂L/∂{name}"
+
+
+@exercise(10)
+@given(problems(dtype=np.float32, min_tokens=1, scales=(-1, 1)))
+def test_backward_of_float32_is_float32(dora, p):
+    grads = dora.backward(p.x, p.W0, p.A, p.B, p.m, p.scaling, p.grad_y)
+    expected = detached_gradients(p)
+    for name in expected:
+        assert grads[name].dtype == np.float32, f"∂L/∂{name}: dtype"
+        assert rel_error(grads[name], expected[name]) < 1e-4, f"∂L/∂{name}"
 
 
 @exercise(10)

@@ -8,6 +8,13 @@ exercises 1 to N make runnable with
 
 (without --exercise: all of them; with -k ex02 instead: those of exercise 2 alone). Shapes follow
 torch.nn.Linear: W0 (out, in), A (r, in), B (out, r), m (out,), x (..., in). Use NumPy only.
+Keep the input's dtype: float32 in, float32 out.
+
+The magnitude m is trained, so it can be negative or 0: W' = m · V'/‖V'‖_c then points against
+V', or is a zero row. A zero row of V' (a dead unit) has no direction: count x / 0 as 0 there.
+
+Optional step 1b, after exercise 1: make row_norm safe from overflow and underflow
+(--exercise 1b runs its tests; the other runs skip them).
 
 Stuck? tutorial/exercises/HINTS.md has one hint per exercise, kept apart so you can choose not to
 read it. The chapters of tutorial/ explain each equation.
@@ -19,8 +26,8 @@ import numpy as np  # noqa: F401  (you will need it)
 def row_norm(W):
     """Exercise 1 (Eq. 2's ‖·‖_c). The L2 norm of each output row of W (out, in) -> (out,).
 
-    Tests: test_row_norm_*: the norm itself, and rows whose squares would under- or overflow
-    (1e-30 in float32, 1e-200 and 1e200 in float64) must still get their norm.
+    Optional step 1b: rows whose squares would under- or overflow (1e-30 in float32, 1e-200 and
+    1e200 in float64, or both in one row) still get their norm.
     """
     raise NotImplementedError("exercise 1: row_norm")
 
@@ -59,7 +66,8 @@ def merge(W0, A, B, m, scaling):
 def unmerge(W_merged, A, B, m, scaling, norm):
     """Exercise 7 (Eq. 5, solved for W0). Undo merge: return W0, given W' and norm = the stored
     ‖V'‖_c (out,).
-    Raise ValueError for a row with m = 0 and norm > 0 (its W0 cannot be recovered).
+    Raise ValueError for a row with m = 0 and norm > 0 (its W0 cannot be recovered). A dead unit,
+    m = 0 and norm = 0, is not erased: its row of W' is 0 and so is its V'.
     """
     raise NotImplementedError("exercise 7: unmerge")
 
