@@ -335,13 +335,13 @@ def build_adapters(model, config):
         chosen = [m for m in adaptable if kind_of(m).linear and m is not skip and not shared[m]]
     else:
         chosen = [m for m, n in names.items() if any(_matches(targets, name) for name in n)]
-        lazy = [f"{names[m][0]} ({type(m).__name__})" for m in chosen
-                if isinstance(m, nn.modules.lazy.LazyModuleMixin)
-                and m.has_uninitialized_params()]
-        if lazy:
-            raise ValueError(f"target_modules: {lazy} are not materialized yet (their weight "
-                             f"shapes are known only after a first forward); run the model "
-                             f"once on an example input, then adapt it")
+    lazy = [f"{names[m][0]} ({type(m).__name__})" for m in chosen
+            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"model: {lazy} are not materialized yet (their weight shapes are "
+                         f"known only after a first forward); run the model once on an "
+                         f"example input, then adapt it")
+    if targets not in (None, ALL_LINEAR):
         wrong = [f"{names[m][0]} ({type(m).__name__})" for m in chosen if m not in adaptable]
         if wrong:
             raise ValueError(f"target_modules: {targets!r} matches {wrong}, which cannot be "
@@ -458,8 +458,17 @@ def trainable_parameters(model):
 
 
 def print_trainable_parameters(model):
-    """Print the counts as PEFT's model.print_trainable_parameters() does."""
+    """Print the counts as PEFT's model.print_trainable_parameters() does, then a line saying
+    which layers are adapted (the end of their names, counted where several share it) and
+    which modules are trained in full (modules_to_save)."""
     print(trainable_parameters(model))
+    names = [n for n, _ in adapter_layers(model)]
+    ends = [n.rpartition(".")[2] for n in names]
+    parts = [f"{end} ({ends.count(end)})" if ends.count(end) > 1 else names[ends.index(end)]
+             for end in dict.fromkeys(ends)]
+    saved = [n for n, _ in saved_modules(model)]
+    print(f"adapted layers ({len(names)}): {', '.join(parts) or 'none'}"
+          + (f"; trained in full: {', '.join(saved)}" if saved else ""))
 
 
 get_peft_model = inject_adapters
