@@ -170,18 +170,29 @@ def test_naming_a_tied_output_embedding_warns_that_the_tie_breaks():
 
 # --- a classification head, trained in full and saved both ways -------------------------------
 
-def test_a_seq_cls_head_trains_in_full_and_loads_both_ways_with_peft(tmp_path):
+CLASSIFIERS = {  # a head called classifier, and one called score
+    "bert": (FAMILIES["bert"], "classifier"),
+    "llama": (lambda: T.LlamaForSequenceClassification(T.LlamaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, num_labels=3)), "score"),
+}
+
+
+@pytest.mark.parametrize("family", CLASSIFIERS)
+def test_a_seq_cls_head_trains_in_full_and_loads_both_ways_with_peft(tmp_path, family):
     peft = pytest.importorskip("peft")
     pytest.importorskip("safetensors")
-    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, 32, (2, 6), generator=torch.Generator().manual_seed(1))
+    make, head = CLASSIFIERS[family]
 
-    def bert():
+    def base():
         torch.manual_seed(0)
-        return FAMILIES["bert"]().eval()
+        return make().eval()
 
-    ours = dm.get_peft_model(bert(), dm.LoraConfig(use_dora=True, task_type="SEQ_CLS"))
-    theirs = peft.get_peft_model(bert(), peft.LoraConfig(use_dora=True, task_type="SEQ_CLS"))
-    assert type(ours.classifier) is torch.nn.Linear and ours.classifier.weight.requires_grad
+    ours = dm.get_peft_model(base(), dm.LoraConfig(use_dora=True, task_type="SEQ_CLS"))
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(use_dora=True, task_type="SEQ_CLS"))
+    assert type(getattr(ours, head)) is torch.nn.Linear and getattr(ours, head).weight.requires_grad
+    assert dm.trainable_parameters(ours).trainable == theirs.get_nb_trainable_parameters()[0]
     ours.train()(ids).logits.sum().backward()  # a training step runs
     torch.manual_seed(2)
     with torch.no_grad():  # PEFT's adapter and head away from their init
@@ -191,17 +202,17 @@ def test_a_seq_cls_head_trains_in_full_and_loads_both_ways_with_peft(tmp_path):
     theirs.eval()
     expected = theirs(ids).logits.detach()
     theirs.save_pretrained(tmp_path / "theirs")
-    loaded = dm.from_pretrained(bert(), tmp_path / "theirs")
+    loaded = dm.from_pretrained(base(), tmp_path / "theirs")
     assert rel_error(loaded(ids).logits.detach().numpy(), expected.numpy()) < 1e-6
     dm.save_pretrained(loaded, tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert (saved["modules_to_save"], saved["task_type"]) == (["classifier"], "SEQ_CLS")
+    assert (saved["modules_to_save"], saved["task_type"]) == ([head], "SEQ_CLS")
     from safetensors.torch import load_file
     assert (load_file(tmp_path / "ours" / "adapter_model.safetensors").keys()
             == load_file(tmp_path / "theirs" / "adapter_model.safetensors").keys())
-    reopened = peft.PeftModel.from_pretrained(bert(), tmp_path / "ours").eval()
+    reopened = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
     assert rel_error(reopened(ids).logits.detach().numpy(), expected.numpy()) < 1e-6
     merged = dm.merge_and_unload(copy.deepcopy(loaded))
     assert not dm.adapter_layers(merged)
     assert rel_error(merged(ids).logits.detach().numpy(), expected.numpy()) < 1e-5
-    assert torch.equal(merged.classifier.weight, loaded.classifier.weight)
+    assert torch.equal(getattr(merged, head).weight, getattr(loaded, head).weight)
