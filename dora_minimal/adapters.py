@@ -94,8 +94,10 @@ class LoraConfig:
     target_modules: a list of names, each matching a module's whole dotted name or its end
     ("fc1" matches "encoder.0.fc1"); a string, a regular expression matched against the whole
     name (re.fullmatch); "all-linear": every nn.Linear but a model's output embedding (what
-    its get_output_embeddings() returns, as in PEFT); None: every nn.Linear (and transformers'
-    Conv1D). Named targets may also be nn.Conv1d/2d/3d and nn.Embedding layers.
+    its get_output_embeddings() returns, as in PEFT); None: for a transformers model what PEFT
+    adapts for its model type (DEFAULT_TARGET_MODULES), for any other model every nn.Linear
+    (and transformers' Conv1D) whose weight is not tied to another module's. Named targets may
+    also be nn.Conv1d/2d/3d and nn.Embedding layers.
     use_dora: DoRA or plain LoRA; detach_norm (ours, not PEFT's): DoRA's backward treats ‖V'‖_c
     as a constant (Eq. 11, True) or differentiates it (Eq. 6, False).
     rank_pattern / alpha_pattern: {regex: r or lora_alpha} for some layers, PEFT's rule: the
