@@ -253,7 +253,7 @@ def read_config(directory, detach_norm=True):
         if value != default and value not in (None, False, {}, []):
             raise ValueError(f"from_pretrained: {path} sets {field}={value!r}, which "
                              f"dora_minimal does not support")
-    check_init_lora_weights(f"from_pretrained: {path} sets init_lora_weights, which",
+    check_init_lora_weights(f"from_pretrained: {path} init_lora_weights",
                             saved.get("init_lora_weights", True))
     if saved.get("target_modules") is None:
         raise ValueError(f"from_pretrained: {path} names no target_modules")

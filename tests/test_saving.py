@@ -381,8 +381,8 @@ def test_a_saved_init_that_rewrote_the_base_weight_is_refused(tmp_path, init):
                        safe_serialization=False)
     edit_config(tmp_path, init_lora_weights=init)
     model = toy_model()
-    with pytest.raises(ValueError, match=f"sets init_lora_weights, which: '{init}' is an init "
-                                         f"that PEFT computes from the base weight"):
+    with pytest.raises(ValueError, match=f"adapter_config.json init_lora_weights: '{init}' is "
+                                         f"an init that PEFT computes from the base weight"):
         dm.from_pretrained(model, tmp_path)
     assert not dm.adapter_layers(model)
     for only_init in (False, "gaussian", "eva"):  # the base weight is the pretrained one
