@@ -11,8 +11,9 @@ so the magnitude is one per embedding dimension: the norm of each COLUMN of W0 +
 all num_embeddings rows. As PEFT: A starts at zero and B normal (the opposite of a linear layer),
 the keys are `lora_embedding_A` and `lora_embedding_B`, and the adapter's lookup takes the base's
 padding_idx. max_norm is refused: the lookup would renormalize looked-up rows of W0 in place, after
-the magnitude was taken from it, so the layer would silently drift (PEFT has that defect). Dropout has no meaning on indices: lora_dropout is not applied (as PEFT). The base's sparse
-setting is kept for its own lookup; the adapter's gradients are dense.
+the magnitude was taken from it, so the layer would silently drift (PEFT has that defect). Dropout
+has no meaning on indices: lora_dropout is not applied (as PEFT). The base's sparse setting is kept
+for its own lookup; the adapter's gradients are dense.
 """
 
 from torch import nn
