@@ -12,6 +12,7 @@ can be adapted, by which adapter layer, and under which PEFT keys its tensors ar
 """
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -44,7 +45,37 @@ ADAPTER_KINDS = (
     AdapterKind(DoRAEmbedding, linear=False),
 )
 ALL_LINEAR = "all-linear"
-SEQ_CLS_HEADS = ("classifier", "score")  # what PEFT trains besides the adapters for SEQ_CLS
+# the heads PEFT adds to modules_to_save for a task_type: trained in full, never adapted
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+# a module trained in full (modules_to_save) carries this attribute: the config's task_type
+TRAINED_IN_FULL = "_dora_minimal_modules_to_save"
+
+# target_modules=None on a transformers model: what PEFT 0.21.2 adapts for its config.model_type
+# (facts of PEFT's per-model LoRA defaults). A type not listed here has no default there either.
+_Q_V = ("q_proj", "v_proj")
+DEFAULT_TARGET_MODULES = {
+    **dict.fromkeys(("llama", "llama4", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
+                     "gemma2", "gemma3_text", "stablelm", "opt", "bart", "gptj", "gpt_neo"),
+                    _Q_V),
+    **dict.fromkeys(("t5", "mt5"), ("q", "v")),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "layoutlm"),
+                    ("query", "value")),
+    **dict.fromkeys(("gpt2", "gpt_bigcode"), ("c_attn",)),
+    **dict.fromkeys(("gpt_neox", "bloom", "falcon", "chatglm", "RefinedWeb", "RefinedWebModel"),
+                    ("query_key_value",)),
+    "phi": _Q_V + ("fc1", "fc2"), "btlm": ("c_proj", "c_attn"), "codegen": ("qkv_proj",),
+    "mpt": ("Wqkv",), "deberta": ("in_proj",), "deberta-v2": ("query_proj", "value_proj"),
+    "blip-2": ("q", "v") + _Q_V, "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "rwkv": ("key", "value", "receptance", "output"),
+    "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+}
+# PEFT's init_lora_weights values that rewrite the base weight when the adapter is created
+# (W0 becomes W0 - s·B A): such an adapter only fits the base weights PEFT rewrote
+REWRITES_BASE_WEIGHT = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# values that only initialize A and B (the base is untouched): a saved adapter of these loads
+INIT_ONLY = (True, False, "gaussian", "eva", "orthogonal")
 
 
 def kind_of(module):
@@ -63,13 +94,18 @@ class LoraConfig:
     target_modules: a list of names, each matching a module's whole dotted name or its end
     ("fc1" matches "encoder.0.fc1"); a string, a regular expression matched against the whole
     name (re.fullmatch); "all-linear": every nn.Linear but a model's output embedding (what
-    its get_output_embeddings() returns, as in PEFT); None: every nn.Linear (and transformers'
-    Conv1D). Named targets may also be nn.Conv1d/2d/3d and nn.Embedding layers.
+    its get_output_embeddings() returns, as in PEFT); None: for a transformers model what PEFT
+    adapts for its model type (DEFAULT_TARGET_MODULES), for any other model every nn.Linear
+    (and transformers' Conv1D) whose weight is not tied to another module's. Named targets may
+    also be nn.Conv1d/2d/3d and nn.Embedding layers.
     use_dora: DoRA or plain LoRA; detach_norm (ours, not PEFT's): DoRA's backward treats ‖V'‖_c
     as a constant (Eq. 11, True) or differentiates it (Eq. 6, False).
     rank_pattern / alpha_pattern: {regex: r or lora_alpha} for some layers, PEFT's rule: the
     first key K that matches the end of a layer's name (re.match(rf"(.*\\.)?({K})$", name)).
-    bias and task_type are accepted so that PEFT's snippets run; the bias always stays frozen.
+    modules_to_save: names of modules trained in full (their own weights, no adapter) and saved
+    with the adapter, as in PEFT; task_type "SEQ_CLS" or "TOKEN_CLS" adds "classifier" and
+    "score", "QUESTION_ANS" adds "qa_outputs" (those may be absent from the model). A module
+    to save, and anything inside it, is never adapted. bias is accepted (the bias stays frozen).
     inference_mode=True freezes the adapters too, as in PEFT; init_lora_weights must be True
     (PEFT's default init); fan_in_fan_out is accepted, but the layout follows each layer's type
     (transformers' Conv1D stores (in, out)), which is what PEFT ends up with too.
@@ -87,6 +123,7 @@ class LoraConfig:
     inference_mode: bool = False
     init_lora_weights: bool = True
     fan_in_fan_out: bool = False
+    modules_to_save: Optional[Sequence[str]] = None
 
     def __post_init__(self):
         check_rank(self.r)
@@ -96,9 +133,19 @@ class LoraConfig:
         check_bool("detach_norm", self.detach_norm)
         check_bool("inference_mode", self.inference_mode)
         check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        check_init_lora_weights("init_lora_weights", self.init_lora_weights)
         if self.init_lora_weights is not True:
             raise ValueError(f"init_lora_weights: only True (PEFT's default init: A Kaiming-"
                              f"uniform, B = 0) is supported, got {self.init_lora_weights!r}")
+        saved = self.modules_to_save
+        if saved is not None and (isinstance(saved, str) or not all(
+                isinstance(name, str) and name for name in saved)):
+            raise TypeError(f"modules_to_save: expected a list of module names, got {saved!r}")
+        heads = TASK_HEADS.get(self.task_type, ())
+        if saved is not None or heads:
+            names = list(saved or ())
+            object.__setattr__(self, "modules_to_save",
+                               tuple(names + [h for h in heads if h not in names]))
         if self.bias != "none":
             raise ValueError(f"bias: only 'none' is supported (the bias stays frozen), "
                              f"got {self.bias!r}")
@@ -132,16 +179,29 @@ class LoraConfig:
     def matches(self, name):
         """Whether a module's dotted name is targeted (PEFT's rule; None matches every name)."""
         targets = self.target_modules
-        if targets is None or targets == ALL_LINEAR:
-            return True
-        if isinstance(targets, str):
-            return re.fullmatch(targets, name) is not None
-        return any(_name_matches(name, t) for t in targets)
+        return targets in (None, ALL_LINEAR) or _matches(targets, name)
 
     def settings_for(self, name):
         """(r, lora_alpha) of the layer called `name`, after rank_pattern and alpha_pattern."""
         return (_pattern_value(self.rank_pattern, name, self.r),
                 _pattern_value(self.alpha_pattern, name, self.lora_alpha))
+
+
+def check_init_lora_weights(where, value):
+    """Refuse PEFT's inits that rewrite the base weight (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA):
+    their adapter fits only the rewritten base, not the pretrained one we would put it on."""
+    name = value.lower() if isinstance(value, str) else value
+    if isinstance(name, str) and name.startswith(REWRITES_BASE_WEIGHT):
+        raise ValueError(
+            f"{where}: {value!r} is an init that PEFT computes from the base weight and then "
+            f"subtracts from it (W0 becomes W0 - s·B A), so its adapter only fits that rewritten "
+            f"base; dora_minimal does not rewrite base weights, and on the pretrained base the "
+            f"adapter would give a different model. In PEFT, save it with save_pretrained(..., "
+            f"path_initial_model_for_weight_conversion=...), which turns it into a plain LoRA "
+            f"adapter (init_lora_weights true) that loads here")
+    if not any(name is v or (isinstance(v, str) and name == v) for v in INIT_ONLY):
+        raise ValueError(f"{where}: expected one of {list(INIT_ONLY)} (inits that leave the "
+                         f"base weight as it is), got {value!r}")
 
 
 def _pattern_value(pattern, name, default):
@@ -199,6 +259,58 @@ def _output_layer(model, task_type):
     return output
 
 
+def default_targets(model):
+    """What target_modules=None adapts in `model`: for a transformers model (one with a
+    config.model_type), PEFT's default for its type (DEFAULT_TARGET_MODULES), and a ValueError
+    where PEFT has none; for any other model None, which means every nn.Linear (and
+    transformers' Conv1D) whose weight is not tied to another module's."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        return None
+    if model_type not in DEFAULT_TARGET_MODULES:
+        kinds = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
+                        if kind_of(m) is not None and kind_of(m).linear})
+        raise ValueError(f"target_modules: PEFT has no default target_modules for model type "
+                         f"{model_type!r} ({type(model).__name__}), so neither do we: please "
+                         f"specify target_modules, e.g. 'all-linear' or some of the layer names "
+                         f"{kinds[:12]}")
+    return DEFAULT_TARGET_MODULES[model_type]
+
+
+def _shared_weights(model):
+    """{module: names of the other modules that hold one of its parameters} (a tied weight)."""
+    owners = {}  # id(parameter) -> {module: its first name}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), {}).setdefault(module, name)
+    return {module: sorted({n for p in module.parameters(recurse=False)
+                            for other, n in owners[id(p)].items() if other is not module})
+            for name, module in model.named_modules()}
+
+
+def modules_to_save(model, config):
+    """[(every name, module)] of the modules that config.modules_to_save trains in full: those
+    with a name that is, or ends with, one of its names (only the outermost of nested ones).
+    ValueError for a name that matches no module, except the heads that task_type adds."""
+    wanted = config.modules_to_save or ()
+    found = [(n, m) for m, n in _names_by_module(model).items()
+             if any(_name_matches(name, w) for name in n for w in wanted)]
+    optional = TASK_HEADS.get(config.task_type, ())
+    missing = [w for w in wanted if w not in optional
+               and not any(_name_matches(name, w) for n, _ in found for name in n)]
+    if missing:
+        raise ValueError(f"modules_to_save: {missing} match no module of the model")
+    inner = {sub for _, m in found for sub in m.modules() if sub is not m}
+    return [(n, m) for n, m in found if m not in inner]
+
+
+def _matches(targets, name):
+    """Whether `targets` (a regex or names, see LoraConfig) selects the module called `name`."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(_name_matches(name, t) for t in targets)
+
+
 def build_adapters(model, config):
     """[(every name of a targeted module, its new adapter)], the model untouched. Raises
     ValueError when a target matches no module or a module that cannot be adapted."""
@@ -216,12 +328,22 @@ def build_adapters(model, config):
     names = _names_by_module(model)
     adaptable = {m: n for m, n in names.items() if kind_of(m) is not None}
     listed = [n[0] for n in adaptable.values()]
-    targets = config.target_modules
-    if targets is None or targets == ALL_LINEAR:
+    saved = {sub for _, m in modules_to_save(model, config) for sub in m.modules()}
+    shared = _shared_weights(model)
+    named = config.target_modules not in (None, ALL_LINEAR)  # by the user, not by default
+    targets = default_targets(model) if config.target_modules is None else config.target_modules
+    if targets in (None, ALL_LINEAR):
         skip = _output_layer(model, config.task_type) if targets == ALL_LINEAR else None
-        chosen = [m for m in adaptable if kind_of(m).linear and m is not skip]
+        chosen = [m for m in adaptable if kind_of(m).linear and m is not skip and not shared[m]]
     else:
-        chosen = [m for m, n in names.items() if any(config.matches(name) for name in n)]
+        chosen = [m for m, n in names.items() if any(_matches(targets, name) for name in n)]
+    lazy = [f"{names[m][0]} ({type(m).__name__})" for m in chosen
+            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"model: {lazy} are not materialized yet (their weight shapes are "
+                         f"known only after a first forward); run the model once on an "
+                         f"example input, then adapt it")
+    if targets not in (None, ALL_LINEAR):
         wrong = [f"{names[m][0]} ({type(m).__name__})" for m in chosen if m not in adaptable]
         if wrong:
             raise ValueError(f"target_modules: {targets!r} matches {wrong}, which cannot be "
@@ -229,49 +351,77 @@ def build_adapters(model, config):
         every_name = [name for n in names.values() for name in n]
         unmatched = (([] if chosen else [targets]) if isinstance(targets, str) else
                      [t for t in targets if not any(_name_matches(n, t) for n in every_name)])
-        if unmatched:
+        if unmatched and named:
             raise ValueError(f"target_modules: {unmatched} match no layer of the model; the "
                              f"layers that can be adapted are {listed}")
+    chosen = [m for m in chosen if m not in saved]  # (as PEFT: a module to save is not adapted)
     if not chosen:
-        raise ValueError("model: has no nn.Linear layer to adapt" if config.target_modules in
-                         (None, ALL_LINEAR) else "model: has no layer to adapt")
-    return [(names[module], kind_of(module).adapter.from_base(module, *config.settings_for(
-        names[module][0]), config.lora_dropout, config.use_dora, config.detach_norm))
-            for module in chosen]
+        raise ValueError("model: has no nn.Linear layer to adapt" if targets in
+                         (None, ALL_LINEAR) else f"model: has no layer to adapt among "
+                         f"target_modules {targets!r} (none, or only modules_to_save)")
+    for module in chosen:
+        if shared[module]:
+            warnings.warn(f"{names[module][0]}: its weight is tied to {shared[module]} (the same "
+                          f"tensor); adapting it copies the weight, which breaks the tie: "
+                          f"training or merging changes {names[module][0]} alone", stacklevel=3)
+    adapters = []
+    for module in chosen:
+        try:
+            adapters.append((names[module], kind_of(module).adapter.from_base(
+                module, *config.settings_for(names[module][0]), config.lora_dropout,
+                config.use_dora, config.detach_norm)))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"model: cannot adapt {names[module][0]} "
+                              f"({type(module).__name__}): {error}") from None
+    return adapters
 
 
-def install_adapters(model, adapters):
-    """Freeze every parameter of the model, then put each adapter under all of its names."""
+def install_adapters(model, adapters, saved=(), task_type=None):
+    """Freeze every parameter of the model, put each adapter under all of its names, and make
+    the modules to save ([(names, module)]) trainable, marked as such for save_pretrained."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for names, adapter in adapters:
         _replace(model, names, adapter)
+    for _, module in saved:
+        module.requires_grad_(True)
+        setattr(module, TRAINED_IN_FULL, task_type)
     return model
 
 
+def saved_modules(model):
+    """[(name, module)] of the modules trained in full (modules_to_save) next to the adapters."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, TRAINED_IN_FULL)]
+
+
 def inject_adapters(model, config):
-    """Replace each targeted layer by an adapter layer (in place), freeze every other parameter,
-    and return the model (PEFT's get_peft_model). A module registered under several names is
-    targeted when any of them matches, adapted once, and every name sees the adapter. On any
-    error the model is unchanged."""
-    install_adapters(model, build_adapters(model, config))
-    if config.task_type == "SEQ_CLS":  # PEFT trains a classifier's head too (modules_to_save)
-        for name, module in model.named_modules():
-            if name.rpartition(".")[2] in SEQ_CLS_HEADS:
-                module.requires_grad_(True)
+    """Replace each targeted layer by an adapter layer (in place), freeze every other parameter
+    but those of config.modules_to_save, and return the model (PEFT's get_peft_model). A module
+    registered under several names is targeted when any of them matches, adapted once, and
+    every name sees the adapter. On any error the model is unchanged."""
+    adapters = build_adapters(model, config)
+    install_adapters(model, adapters, modules_to_save(model, config), config.task_type)
     if config.inference_mode:  # PEFT's inference_mode: nothing trains
-        for _, layer in adapter_layers(model):
-            layer.requires_grad_(False)
+        model.requires_grad_(False)
     return model
 
 
 def merge_adapters(model):
-    """Replace every adapter layer (under all of its names) by the plain module holding the
-    merged weight W'; frozen weights stay frozen (PEFT's merge_and_unload)."""
+    """Merge in place and return the model, as PEFT's merge_and_unload: every adapter layer
+    (under all of its names) becomes the plain module holding the merged weight W'; frozen
+    weights stay frozen, and modules trained in full (modules_to_save) keep their trained
+    weights. If a layer cannot be merged, ValueError names it and nothing changes."""
     names = _names_by_module(model)
-    merged = [(names[layer], layer.to_base()) for _, layer in adapter_layers(model)]
-    for layer_names, module in merged:  # all checked before any swap
+    merged = []
+    for name, layer in adapter_layers(model):  # all checked before any swap
+        try:
+            merged.append((names[layer], layer.to_base()))
+        except ValueError as error:
+            raise ValueError(f"merge_adapters: layer {name}: {error}") from None
+    for layer_names, module in merged:
         _replace(model, layer_names, module)
+    for _, module in saved_modules(model):
+        delattr(module, TRAINED_IN_FULL)
     return model
 
 
@@ -310,8 +460,17 @@ def trainable_parameters(model):
 
 
 def print_trainable_parameters(model):
-    """Print the counts as PEFT's model.print_trainable_parameters() does."""
+    """Print the counts as PEFT's model.print_trainable_parameters() does, then a line saying
+    which layers are adapted (the end of their names, counted where several share it) and
+    which modules are trained in full (modules_to_save)."""
     print(trainable_parameters(model))
+    names = [n for n, _ in adapter_layers(model)]
+    ends = [n.rpartition(".")[2] for n in names]
+    parts = [f"{end} ({ends.count(end)})" if ends.count(end) > 1 else names[ends.index(end)]
+             for end in dict.fromkeys(ends)]
+    saved = [n for n, _ in saved_modules(model)]
+    print(f"adapted layers ({len(names)}): {', '.join(parts) or 'none'}"
+          + (f"; trained in full: {', '.join(saved)}" if saved else ""))
 
 
 get_peft_model = inject_adapters

@@ -71,7 +71,7 @@ class AdaptedLayer(nn.Module):
 
     def __init__(self, r, lora_alpha, lora_dropout, use_dora, detach_norm, bias, dtype):
         super().__init__()
-        self.r = check_rank(r)
+        self._r = check_rank(r)
         self.lora_alpha = lora_alpha
         self._lora_dropout = check_dropout(lora_dropout)
         self.use_dora = check_bool("use_dora", use_dora)
@@ -80,7 +80,20 @@ class AdaptedLayer(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
 
-    # --- lora_alpha, scaling and lora_dropout: one source each, checked when set ---------------
+    # --- r (fixed), lora_alpha, scaling and lora_dropout: one source each, checked when set -----
+
+    @property
+    def r(self):
+        """The rank: lora_A has r rows and lora_B r columns, so it is fixed once built."""
+        return self._r
+
+    @r.setter
+    def r(self, value):
+        raise AttributeError(f"r: is fixed when the layer is built (lora_A is ({self._r}, in), "
+                             f"lora_B (out, {self._r}) and scaling = lora_alpha / r), got "
+                             f"r = {value!r}; build a new layer for another rank, or set "
+                             f"lora_alpha (or scaling) to change the scaling")
+
 
     @property
     def lora_alpha(self):
@@ -430,12 +443,29 @@ class AdaptedLayer(nn.Module):
         self.merged = merged
 
     def get_extra_state(self):
-        return {"merged": self.merged, "merged_norm": self._merged_norm}
+        """The merged state as one float64 tensor, so that a state dict holds tensors only (as
+        safetensors and transformers' save_pretrained need): [0] unmerged, [1] merged (LoRA),
+        [1, ‖V'‖_c...] merged (DoRA: the norms unmerge() needs)."""
+        flag = torch.tensor([float(self.merged)], dtype=torch.float64, device=self.weight.device)
+        if self._merged_norm is None:
+            return flag
+        return torch.cat([flag, self._merged_norm.to(flag.device)])  # (1 + out,)
 
     def set_extra_state(self, state):
+        if isinstance(state, dict):  # as saved by earlier versions
+            merged, norm = bool(state["merged"]), state["merged_norm"]
+        else:
+            flag = (state[0].item() if isinstance(state, torch.Tensor) and state.dim() == 1
+                    and len(state) > 0 else None)
+            merged = flag == 1
+            length = 1 + self._weight_view(self.weight).shape[0] if merged and self.use_dora else 1
+            if flag not in (0, 1) or len(state) != length:
+                raise ValueError(f"{type(self).__name__}: _extra_state expected a tensor [0] "
+                                 f"(unmerged) or [1{', ‖V′‖_c...' if self.use_dora else ''}] "
+                                 f"(merged, {length} values), got {state!r:.80}")
+            norm = state[1:].double() if merged and self.use_dora else None
         self._merged_adapter = None  # (what a merged state was merged with is not saved)
-        self.merged = bool(state["merged"])
-        norm = state["merged_norm"]
+        self.merged = merged
         self._merged_norm = None if norm is None else norm.to(self.weight.device)
 
 

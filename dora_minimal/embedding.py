@@ -10,9 +10,10 @@ view, looked up as the base is:
 so the magnitude is one per embedding dimension: the norm of each COLUMN of W0 + s·(B A)^T over
 all num_embeddings rows. As PEFT: A starts at zero and B normal (the opposite of a linear layer),
 the keys are `lora_embedding_A` and `lora_embedding_B`, and the adapter's lookup takes the base's
-padding_idx and max_norm (max_norm renormalizes the looked-up columns of A in place, as the base's
-rows). Dropout has no meaning on indices: lora_dropout is not applied (as PEFT). The base's sparse
-setting is kept for its own lookup; the adapter's gradients are dense.
+padding_idx. max_norm is refused: the lookup would renormalize looked-up rows of W0 in place, after
+the magnitude was taken from it, so the layer would silently drift (PEFT has that defect). Dropout
+has no meaning on indices: lora_dropout is not applied (as PEFT). The base's sparse setting is kept
+for its own lookup; the adapter's gradients are dense.
 """
 
 import torch
@@ -48,6 +49,13 @@ class DoRAEmbedding(AdaptedLayer):
                 raise ValueError(f"padding_idx: expected None or an integer in "
                                  f"[{-num_embeddings}, {num_embeddings}), got {padding_idx!r}")
             padding_idx %= num_embeddings  # as nn.Embedding stores it
+        if max_norm is not None:
+            raise ValueError(f"max_norm: expected None, got {max_norm!r}: an embedding with "
+                             f"max_norm renormalizes the rows it looks up in place, in its frozen "
+                             f"weight, after DoRA's magnitude was taken from that weight, so the "
+                             f"adapted layer would silently compute something else; set the "
+                             f"embedding's max_norm = None (renormalize its weight once first if "
+                             f"you need to) before adapting it")
         super().__init__(r, lora_alpha, lora_dropout, use_dora, detach_norm, False, dtype)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx, self.max_norm, self.norm_type = padding_idx, max_norm, norm_type

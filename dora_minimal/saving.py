@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import LoraConfig, adapter_layers, build_adapters, install_adapters
+from .adapters import (LoraConfig, adapter_layers, build_adapters, check_init_lora_weights,
+                       install_adapters, modules_to_save, saved_modules, TRAINED_IN_FULL)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -24,7 +25,7 @@ PEFT_PREFIX = "base_model.model."
 # adapter_config.json fields that change what PEFT builds, with the value we can honour
 UNSUPPORTED_FIELDS = {"use_rslora": False,
                       "layers_to_transform": None, "layers_pattern": None,
-                      "modules_to_save": None, "exclude_modules": None, "lora_bias": False,
+                      "exclude_modules": None, "lora_bias": False,
                       "layer_replication": None, "target_parameters": None,
                       "trainable_token_indices": None, "use_qalora": False,
                       "alora_invocation_tokens": None, "megatron_config": None,
@@ -55,9 +56,18 @@ def _peft_tensors(name, layer):
     return {f"{PEFT_PREFIX}{name}.{suffix}": t for suffix, t in layer.peft_tensors().items()}
 
 
-def _adapter_tensors(layers, tensors_of):
-    """{key: tensor} of every adapter tensor of the (name, layer) pairs given."""
-    return {key: t for name, layer in layers for key, t in tensors_of(name, layer).items()}
+def _module_tensors(name, module, prefix=""):
+    """A module trained in full (modules_to_save): its state dict under "<prefix><name>.", the
+    keys PEFT saves it under (the tensors themselves, so that loading writes into them)."""
+    return {f"{prefix}{name}.{key}": t for key, t in module.state_dict(keep_vars=True).items()}
+
+
+def _adapter_tensors(layers, tensors_of, saved=(), prefix=""):
+    """{key: tensor} of every adapter tensor of the (name, layer) pairs given, then of the
+    (name, module) pairs trained in full."""
+    return {**{key: t for name, layer in layers for key, t in tensors_of(name, layer).items()},
+            **{key: t for name, module in saved
+               for key, t in _module_tensors(name, module, prefix).items()}}
 
 
 def _checked_values(state, targets, what):
@@ -97,42 +107,48 @@ def _checked_values(state, targets, what):
     return values
 
 
-def _load(layers, state, tensors_of, what):
-    """Copy state into the adapter tensors of `layers`, or raise and change nothing."""
-    values = _checked_values(state, _adapter_tensors(layers, tensors_of), what)
+def _load(layers, state, tensors_of, what, saved=(), prefix=""):
+    """Copy state into the adapter tensors of `layers` and of the modules `saved` (trained in
+    full), or raise and change nothing."""
+    targets = _adapter_tensors(layers, tensors_of, saved, prefix)
+    values = _checked_values(state, targets, what)
     merged = [name for name, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"{what}: layers {merged} are merged; unmerge() them first")
-    targets = _adapter_tensors(layers, tensors_of)
     with torch.no_grad():
         for key, value in values.items():
             targets[key].copy_(value)
 
 
 def adapter_state_dict(model):
-    """{"<layer>.lora_A": ..., "<layer>.lora_B": ..., "<layer>.magnitude": ...}, detached copies."""
-    return {key: t.detach().clone() for key, t in
-            _adapter_tensors(adapter_layers(model), _own_tensors).items()}
+    """{"<layer>.lora_A": ..., "<layer>.lora_B": ..., "<layer>.magnitude": ...}, and the state
+    of each module trained in full ("<module>.weight", ...), detached copies."""
+    return {key: t.detach().clone() for key, t in _adapter_tensors(
+        adapter_layers(model), _own_tensors, saved_modules(model)).items()}
 
 
 def load_adapter_state_dict(model, state):
     """Load what adapter_state_dict saved. Names and shapes must match exactly; on a mismatch
     ValueError says which, and the model is unchanged."""
-    _load(adapter_layers(model), state, _own_tensors, "load_adapter_state_dict")
+    _load(adapter_layers(model), state, _own_tensors, "load_adapter_state_dict",
+          saved_modules(model))
     return model
 
 
 def to_peft_state_dict(model):
     """The adapter under PEFT's saved-adapter keys (as get_peft_model_state_dict returns them):
-    base_model.model.<path>.lora_A.weight, .lora_B.weight and .lora_magnitude_vector."""
-    return {key: t.detach().clone() for key, t in
-            _adapter_tensors(adapter_layers(model), _peft_tensors).items()}
+    base_model.model.<path>.lora_A.weight, .lora_B.weight and .lora_magnitude_vector, and each
+    module trained in full (modules_to_save) as base_model.model.<module>.weight, ..."""
+    return {key: t.detach().clone() for key, t in _adapter_tensors(
+        adapter_layers(model), _peft_tensors, saved_modules(model), PEFT_PREFIX).items()}
 
 
 def from_peft_state_dict(model, state):
     """Load an adapter saved by PEFT (or by to_peft_state_dict) into a model with the same
-    adapter layers. Keys and shapes must match; on a mismatch the model is unchanged."""
-    _load(adapter_layers(model), state, _peft_tensors, "from_peft_state_dict")
+    adapter layers and modules to save. Keys and shapes must match; on a mismatch the model is
+    unchanged."""
+    _load(adapter_layers(model), state, _peft_tensors, "from_peft_state_dict",
+          saved_modules(model), PEFT_PREFIX)
     return model
 
 
@@ -157,17 +173,18 @@ def save_pretrained(model, directory, safe_serialization=None):
     under PEFT's keys in adapter_model.safetensors (safe_serialization True, or None with the
     safetensors package importable) or adapter_model.bin (torch.save). The other weights file,
     if the directory has one, is removed so that no reader picks up a stale adapter.
+    Modules trained in full (modules_to_save, a task_type's head) are saved with it, as PEFT
+    does: their tensors under base_model.model.<module>.*, their names in modules_to_save.
     detach_norm is a training choice of ours, not saved (PEFT has no such field)."""
-    layers = adapter_layers(model)
+    layers, saved = adapter_layers(model), saved_modules(model)
     if not layers:
         raise ValueError("save_pretrained: the model has no adapter layers")
-    adapters = {id(p) for _, layer in layers for p in layer.parameters()}
-    trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapters]
-    if trained:  # PEFT's modules_to_save, which this does not write
-        raise ValueError(f"save_pretrained: {trained[:5]} require grad but are not part of an "
-                         f"adapter (a task_type='SEQ_CLS' head, or unfrozen by hand), and only "
-                         f"the adapters are saved; save them yourself (torch.save of their "
-                         f"state_dict), then freeze them to save the adapters")
+    kept = {id(p) for _, module in layers + saved for p in module.parameters()}
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in kept]
+    if trained:
+        raise ValueError(f"save_pretrained: {trained[:5]} require grad but are neither part of "
+                         f"an adapter nor of LoraConfig(modules_to_save=...), and only those "
+                         f"are saved; name their modules in modules_to_save, or freeze them")
     settings = {name: _settings(layer) for name, layer in layers}
     first = dict(next(iter(settings.values())))  # becomes the config's shared values
     shared = ("lora_dropout", "use_dora")  # PEFT's config holds these once for all layers
@@ -190,12 +207,13 @@ def save_pretrained(model, directory, safe_serialization=None):
     if safe_serialization and _safetensors() is None:
         raise ImportError("save_pretrained: safe_serialization=True needs the safetensors "
                           "package (pip install safetensors); or pass safe_serialization=False")
-    config = {"peft_type": "LORA", "task_type": None, "r": first["r"],
+    task_types = {getattr(module, TRAINED_IN_FULL) for _, module in saved} - {None}
+    config = {"peft_type": "LORA", "task_type": min(task_types, default=None), "r": first["r"],
               "lora_alpha": _number(first["lora_alpha"]), "lora_dropout": first["lora_dropout"],
               "target_modules": _target_modules(model, [name for name, _ in layers]),
               "use_dora": first["use_dora"], "bias": "none", "use_rslora": False,
               "fan_in_fan_out": any(layer.FAN_IN_FAN_OUT for _, layer in layers),
-              **patterns, "modules_to_save": None,
+              **patterns, "modules_to_save": [name for name, _ in saved] or None,
               "init_lora_weights": True, "inference_mode": True}
     state = {k: v.contiguous() for k, v in to_peft_state_dict(model).items()}
     directory = Path(directory)
@@ -235,6 +253,8 @@ def read_config(directory, detach_norm=True):
         if value != default and value not in (None, False, {}, []):
             raise ValueError(f"from_pretrained: {path} sets {field}={value!r}, which "
                              f"dora_minimal does not support")
+    check_init_lora_weights(f"from_pretrained: {path} init_lora_weights",
+                            saved.get("init_lora_weights", True))
     if saved.get("target_modules") is None:
         raise ValueError(f"from_pretrained: {path} names no target_modules")
     targets = saved["target_modules"]
@@ -244,7 +264,8 @@ def read_config(directory, detach_norm=True):
                       use_dora=saved.get("use_dora", False), detach_norm=detach_norm,
                       rank_pattern=saved.get("rank_pattern") or {},
                       alpha_pattern=saved.get("alpha_pattern") or {},
-                      bias=saved.get("bias", "none"))
+                      bias=saved.get("bias", "none"), task_type=saved.get("task_type"),
+                      modules_to_save=saved.get("modules_to_save"))
 
 
 def _read_weights(directory):
@@ -268,11 +289,13 @@ def from_pretrained(model, directory, detach_norm=True):
     config = read_config(directory, detach_norm)
     state = _read_weights(directory)
     layers = adapter_layers(model)
+    saved = modules_to_save(model, config)
+    heads = [(names[0], module) for names, module in saved]
     if not layers:
         adapters = build_adapters(model, config)
         _load([(names[0], adapter) for names, adapter in adapters], state, _peft_tensors,
-              "from_pretrained")
-        return install_adapters(model, adapters)
+              "from_pretrained", heads, PEFT_PREFIX)
+        return install_adapters(model, adapters, saved, config.task_type)
     for name, layer in layers:
         r, lora_alpha = config.settings_for(name)
         wanted = {"r": r, "lora_alpha": float(lora_alpha), "use_dora": config.use_dora}
@@ -283,5 +306,8 @@ def from_pretrained(model, directory, detach_norm=True):
         if not config.matches(name):
             raise ValueError(f"from_pretrained: layer {name} is not among the saved "
                              f"target_modules {config.target_modules!r}")
-    _load(layers, state, _peft_tensors, "from_pretrained")
+    _load(layers, state, _peft_tensors, "from_pretrained", heads, PEFT_PREFIX)
+    for _, module in saved:
+        module.requires_grad_(True)
+        setattr(module, TRAINED_IN_FULL, config.task_type)
     return model

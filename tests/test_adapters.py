@@ -240,7 +240,8 @@ def test_print_trainable_parameters_prints_what_peft_prints(capsys):
     ours = capsys.readouterr().out
     peft.get_peft_model(toy_model(), peft.LoraConfig(
         use_dora=True, target_modules="all-linear")).print_trainable_parameters()
-    assert ours == capsys.readouterr().out and ours.startswith("trainable params: ")
+    theirs = capsys.readouterr().out
+    assert ours.splitlines()[0] == theirs.strip() and ours.startswith("trainable params: ")
 
 
 def test_peft_names_are_ours():
@@ -484,3 +485,142 @@ def test_torch_compile_matches_eager_aot_eager():
 @pytest.mark.slow
 def test_torch_compile_matches_eager_inductor():
     compiled_matches_eager("inductor")
+
+
+# --- PEFT's defaults, modules to save, tied weights, clear refusals ---------------------------
+
+class LikeTransformers(nn.Module):
+    """A model built as transformers builds one: config.model_type picks PEFT's default
+    targets (here without transformers installed)."""
+    def __init__(self, model_type):
+        super().__init__()
+        self.config = type("Config", (), {"model_type": model_type})()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.ModuleDict({name: nn.Linear(4, 4) for name in
+                                                   ("q_proj", "k_proj", "v_proj", "o_proj")})
+                                    for _ in range(2))
+        self.lm_head = nn.Linear(4, 8)
+
+
+def test_target_modules_none_on_a_transformers_model_adapts_peft_s_defaults():
+    model = dm.get_peft_model(LikeTransformers("llama"), dm.LoraConfig(use_dora=True))
+    assert [n for n, _ in dm.adapter_layers(model)] == [
+        "layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj"]
+    untouched = LikeTransformers("whisper")  # PEFT has no default for it: it asks for targets
+    before = state_of(untouched)
+    with pytest.raises(ValueError, match="model type 'whisper'.*please specify target_modules"):
+        dm.get_peft_model(untouched, dm.LoraConfig())
+    assert same_state(state_of(untouched), before) and not dm.adapter_layers(untouched)
+    assert all(p.requires_grad for p in untouched.parameters())
+    named = dm.get_peft_model(LikeTransformers("whisper"), dm.LoraConfig(target_modules=["o_proj"]))
+    assert [n for n, _ in dm.adapter_layers(named)] == ["layers.0.o_proj", "layers.1.o_proj"]
+
+
+class TiedLanguageModel(nn.Module):
+    """A plain torch model whose output layer shares its weight with the input embedding."""
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.body = nn.Embedding(10, 4), nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.body(self.embed(ids)))
+
+
+def test_a_tied_output_layer_is_adapted_only_when_named_and_then_a_warning_says_so():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = dm.get_peft_model(TiedLanguageModel(), dm.LoraConfig(use_dora=True))
+    assert [n for n, _ in dm.adapter_layers(model)] == ["body"]
+    assert model.head.weight is model.embed.weight  # the tie holds
+    with pytest.warns(UserWarning, match=r"head: its weight is tied to \['embed'\].*breaks"):
+        named = dm.get_peft_model(TiedLanguageModel(), dm.LoraConfig(target_modules=["head"]))
+    assert isinstance(named.head, dm.DoRALinear)
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+
+@pytest.mark.parametrize("how", ["modules_to_save", "task_type"])
+def test_modules_to_save_are_trained_in_full_and_never_adapted(how):
+    config = (dm.LoraConfig(r=2, use_dora=True, modules_to_save=["classifier"]) if
+              how == "modules_to_save" else dm.LoraConfig(r=2, use_dora=True, task_type="SEQ_CLS"))
+    model = dm.get_peft_model(Classifier().double(), config)
+    assert [n for n, _ in dm.adapter_layers(model)] == ["encoder.0", "encoder.2"]
+    assert type(model.classifier) is nn.Linear
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert not any(n.startswith("encoder") and n.endswith(("weight", "bias")) for n in trainable)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    head = model.classifier.weight.detach().clone()
+    model(torch.randn(4, 6, dtype=torch.float64)).square().sum().backward()  # trains, no error
+    optimizer.step()
+    assert not torch.equal(model.classifier.weight, head)
+    merged = dm.merge_and_unload(model)
+    assert torch.equal(merged.classifier.weight.detach(), model.classifier.weight.detach())
+    with pytest.raises(ValueError, match=r"modules_to_save: \['clasifier'\] match no module"):
+        dm.get_peft_model(Classifier(), dm.LoraConfig(modules_to_save=["clasifier"]))
+    with pytest.raises(TypeError, match="modules_to_save: expected a list"):
+        dm.LoraConfig(modules_to_save="classifier")
+
+
+def test_print_trainable_parameters_then_names_the_adapted_layers(capsys):
+    dm.print_trainable_parameters(dm.get_peft_model(Classifier(), dm.LoraConfig(
+        target_modules=["0", "2"], task_type="SEQ_CLS")))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("trainable params: ")
+    assert lines[1] == "adapted layers (2): encoder.0, encoder.2; trained in full: classifier"
+    dm.print_trainable_parameters(dm.get_peft_model(toy_model(), dm.LoraConfig(
+        target_modules=["fc1", "fc2"])))
+    assert capsys.readouterr().out.splitlines()[1] == "adapted layers (4): fc1 (2), fc2 (2)"
+
+
+def test_an_embedding_with_max_norm_is_refused_and_the_model_is_unchanged():
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 2))
+    before = state_of(model)
+    with pytest.raises(ValueError, match=r"cannot adapt 0 \(Embedding\): max_norm: expected "
+                                         r"None, got 1.0.*renormalizes"):
+        dm.get_peft_model(model, dm.LoraConfig(target_modules=["0", "1"]))
+    assert same_state(state_of(model), before) and type(model[1]) is nn.Linear
+
+
+@pytest.mark.parametrize("lazy", [nn.LazyLinear(3), nn.LazyConv2d(3, 1)], ids=["linear", "conv"])
+def test_an_unmaterialized_lazy_layer_asks_to_be_run_once_first(lazy):
+    model = nn.Sequential(lazy)
+    with pytest.raises(ValueError, match=r"\['0 \(Lazy.*not materialized yet.*run the model once"):
+        dm.get_peft_model(model, dm.LoraConfig(target_modules=["0"]))
+    assert model[0] is lazy
+
+
+def test_merge_adapters_names_the_layer_it_cannot_merge_and_changes_nothing():
+    model = dm.get_peft_model(toy_model().half(), dm.LoraConfig(use_dora=True))
+    with torch.no_grad():
+        model[1].fc2.magnitude.fill_(1e6)  # W' overflows float16
+    with pytest.raises(ValueError, match=r"merge_adapters: layer 1.fc2: .*NaN or inf in rows"):
+        dm.merge_adapters(model)
+    assert len(dm.adapter_layers(model)) == 5
+
+
+def test_r_is_read_only_after_construction():
+    layer = dm.DoRALinear(4, 3, r=2, lora_alpha=4)
+    with pytest.raises(AttributeError, match="r: is fixed when the layer is built.*got r = 4"):
+        layer.r = 4
+    assert (layer.r, layer.scaling, tuple(layer.lora_A.shape)) == (2, 2.0, (2, 4))
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
+def test_an_init_that_rewrites_the_base_weight_is_refused(init):
+    with pytest.raises(ValueError, match=f"init_lora_weights: '{init}' is an init that PEFT "
+                                         f"computes from the base weight and then subtracts"):
+        dm.LoraConfig(init_lora_weights=init)

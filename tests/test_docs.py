@@ -9,6 +9,7 @@ running them one after another would. Blocks run in a temporary directory.
 """
 
 import doctest
+import importlib.util
 import inspect
 import re
 from code import InteractiveConsole
@@ -28,6 +29,16 @@ EXERCISE_DOCS = [ROOT / "tutorial" / "README.md", ROOT / "tutorial" / "exercises
                  ROOT / "tutorial" / "exercises" / "HINTS.md",
                  ROOT / "tutorial" / "exercises" / "dora.py"]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# packages that are no dependency: a block importing one that is not installed is not run, nor are
+# the blocks after it (they may use its names)
+OPTIONAL = ("transformers", "peft", "accelerate", "safetensors")
+
+
+def missing_packages(code):
+    """The optional packages `code` imports that are not installed."""
+    imported = re.findall(r"^(?:>>> )?(?:from|import) (\w+)", code, re.MULTILINE)
+    return [name for name in imported
+            if name in OPTIONAL and importlib.util.find_spec(name) is None]
 
 
 def python_blocks(path):
@@ -46,6 +57,8 @@ def test_every_code_block_runs_and_shows_what_it_prints(path, tmp_path, monkeypa
     parser = doctest.DocTestParser()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     for line, code in blocks:
+        if missing_packages(code):
+            break
         if ">>>" in code:
             test = parser.get_doctest(code, namespace, f"{path.name}:{line}", str(path), line)
             result = runner.run(test, clear_globs=False)

@@ -1,6 +1,7 @@
 """Saving and loading adapters: checked, atomic loads; save_pretrained / from_pretrained in PEFT's
 layout, both file kinds, and (where PEFT is importable) both ways with PEFT itself."""
 
+import copy
 import json
 import sys
 
@@ -294,3 +295,96 @@ def test_a_transformers_model_both_ways_with_peft(tmp_path):
     dm.save_pretrained(ours, tmp_path / "ours")
     again = peft.PeftModel.from_pretrained(llama(), tmp_path / "ours")
     assert rel_error(again(tokens).logits.detach().numpy(), expected.numpy()) < 1e-12
+
+
+# --- whole-model state dicts: tensors only ----------------------------------------------------
+
+@pytest.mark.parametrize("use_dora", [True, False])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "embedding", "gpt2_conv1d"])
+@torch.no_grad()  # (a merged layer warns when it is trained)
+def test_a_state_dict_holds_tensors_only_and_a_merged_layer_reloads_and_unmerges(kind, use_dora):
+    from test_layer_kinds import make
+    if kind == "linear":
+        base, x = nn.Linear(4, 3).double(), torch.randn(2, 4, dtype=torch.float64)
+        layer = trained(nn.Sequential(dm.DoRALinear.from_linear(base, 2, 4, use_dora=use_dora)))[0]
+    else:
+        base, layer, x = make(kind, use_dora=use_dora)
+    for merged in (False, True):
+        if merged:
+            layer.merge()
+        state = layer.state_dict()
+        assert all(isinstance(v, torch.Tensor) for v in state.values()), state
+        fresh = copy.deepcopy(layer)
+        fresh.unmerge() if merged else fresh.merge()  # the other state, to be overwritten
+        fresh.load_state_dict(state)
+        assert fresh.merged == merged and torch.equal(fresh(x), layer(x))
+    fresh.unmerge()
+    layer.unmerge()
+    assert torch.equal(fresh.weight, layer.weight) and torch.equal(fresh(x), layer(x))
+
+
+@torch.no_grad()
+def test_safetensors_saves_and_loads_a_whole_adapted_model_merged_or_not(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = trained(dm.get_peft_model(toy_model(), CONFIG))
+    model[0].fc1.merge()
+    safetensors.save_model(model, str(tmp_path / "model.safetensors"))
+    fresh = dm.get_peft_model(toy_model(seed=3), CONFIG)
+    safetensors.load_model(fresh, str(tmp_path / "model.safetensors"))
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert fresh[0].fc1.merged and not fresh[0].fc2.merged and torch.equal(fresh(x), model(x))
+    fresh[0].fc1.unmerge()
+    model[0].fc1.unmerge()
+    assert torch.equal(fresh[0].fc1.weight, model[0].fc1.weight)
+
+
+@pytest.mark.parametrize("extra", [torch.tensor([2.0]), torch.tensor([1.0]), torch.zeros(3),
+                                   "merged"], ids=["flag 2", "no norms", "length", "string"])
+def test_a_wrong_extra_state_is_a_clear_error(extra):
+    layer = dm.DoRALinear(4, 3, r=2, lora_alpha=4)
+    state = {**layer.state_dict(), "_extra_state": extra}
+    with pytest.raises(ValueError, match=r"_extra_state expected a tensor \[0\] \(unmerged\) or "
+                                         r"\[1, ‖V′‖_c...\] \(merged, "):
+        layer.load_state_dict(state)
+
+
+# --- modules to save and init_lora_weights in saved adapters ----------------------------------
+
+def test_modules_to_save_are_saved_under_peft_s_keys_and_loaded_back(tmp_path):
+    from test_adapters import Classifier
+    config = dm.LoraConfig(r=2, use_dora=True, task_type="SEQ_CLS")
+    source = trained(dm.get_peft_model(Classifier().double(), config))
+    with torch.no_grad():
+        source.classifier.weight.add_(1.0)  # a trained head
+    dm.save_pretrained(source, tmp_path, safe_serialization=False)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (saved["modules_to_save"], saved["task_type"]) == (["classifier"], "SEQ_CLS")
+    keys = torch.load(tmp_path / "adapter_model.bin").keys()
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
+    loaded = dm.from_pretrained(Classifier().double(), tmp_path)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert torch.equal(loaded(x), source(x))
+    assert loaded.classifier.weight.requires_grad and type(loaded.classifier) is nn.Linear
+    assert dm.adapter_state_dict(loaded).keys() == dm.adapter_state_dict(source).keys()
+
+
+def test_save_pretrained_still_refuses_a_module_unfrozen_by_hand(tmp_path):
+    model = dm.get_peft_model(toy_model(), CONFIG)
+    model[2].requires_grad_(True)
+    with pytest.raises(ValueError, match=r"\['2.weight', '2.bias'\] require grad.*modules_to_save"):
+        dm.save_pretrained(model, tmp_path)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "corda", "loftq"])
+def test_a_saved_init_that_rewrote_the_base_weight_is_refused(tmp_path, init):
+    dm.save_pretrained(trained(dm.get_peft_model(toy_model(), CONFIG)), tmp_path,
+                       safe_serialization=False)
+    edit_config(tmp_path, init_lora_weights=init)
+    model = toy_model()
+    with pytest.raises(ValueError, match=f"adapter_config.json init_lora_weights: '{init}' is "
+                                         f"an init that PEFT computes from the base weight"):
+        dm.from_pretrained(model, tmp_path)
+    assert not dm.adapter_layers(model)
+    for only_init in (False, "gaussian", "eva"):  # the base weight is the pretrained one
+        edit_config(tmp_path, init_lora_weights=only_init)
+        assert len(dm.adapter_layers(dm.from_pretrained(toy_model(), tmp_path))) == 4

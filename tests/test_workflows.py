@@ -3,6 +3,7 @@ under cancellation, torch.func, double backward, torch.compile, torch.export, th
 FSDP2. Each expected value comes from a freshly built layer or from plain autograd on the textbook
 formula in float64."""
 
+import json
 import math
 import os
 import socket
@@ -538,7 +539,7 @@ def test_peft_quicktour_config_fields_are_accepted():
         dm.LoraConfig(init_lora_weights="gaussian")
 
 
-def test_seq_cls_trains_the_head_as_peft_does_and_saving_says_it_is_not_saved(tmp_path):
+def test_seq_cls_trains_the_head_as_peft_does_and_saves_it_with_the_adapter(tmp_path):
     class Classifier(nn.Module):
         def __init__(self):
             super().__init__()
@@ -549,10 +550,9 @@ def test_seq_cls_trains_the_head_as_peft_does_and_saving_says_it_is_not_saved(tm
     model = dm.get_peft_model(Classifier(), dm.LoraConfig(target_modules=["body"],
                                                           task_type="SEQ_CLS"))
     assert model.score.weight.requires_grad and not model.body.weight.requires_grad
-    with pytest.raises(ValueError, match=r"\['score.weight', 'score.bias'\].*not part of"):
-        dm.save_pretrained(model, tmp_path)
-    model.score.requires_grad_(False)
     dm.save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == [
+        "score"]
 
 
 def test_a_sparse_input_is_a_clear_error():
