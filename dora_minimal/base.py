@@ -74,8 +74,8 @@ class AdaptedLayer(nn.Module):
         self._r = check_rank(r)
         self.lora_alpha = lora_alpha
         self._lora_dropout = check_dropout(lora_dropout)
-        self.use_dora = check_bool("use_dora", use_dora)
-        self.detach_norm = check_bool("detach_norm", detach_norm)
+        self._use_dora = check_bool("use_dora", use_dora)
+        self.detach_norm = detach_norm
         check_bool("bias", bias)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
@@ -94,6 +94,25 @@ class AdaptedLayer(nn.Module):
                              f"r = {value!r}; build a new layer for another rank, or set "
                              f"lora_alpha (or scaling) to change the scaling")
 
+    @property
+    def use_dora(self):
+        """DoRA (a magnitude) or LoRA (none): fixed when the layer is built."""
+        return self._use_dora
+
+    @use_dora.setter
+    def use_dora(self, value):
+        raise AttributeError(f"use_dora: is fixed when the layer is built (a DoRA layer has a "
+                             f"magnitude, a LoRA layer none), got use_dora = {value!r}; build a "
+                             f"new layer (from_base, or inject_adapters with LoraConfig)")
+
+    @property
+    def detach_norm(self):
+        """DoRA's backward: ‖V'‖_c a constant (True, Eq. 11) or differentiated (False, Eq. 6)."""
+        return self._detach_norm
+
+    @detach_norm.setter
+    def detach_norm(self, value):
+        self._detach_norm = check_bool("detach_norm", value)
 
     @property
     def lora_alpha(self):
@@ -295,15 +314,18 @@ class AdaptedLayer(nn.Module):
         """.to(), .cuda(), .half(), to_empty(), ...: as nn.Module, except that the magnitude keeps
         its float32 (float64) dtype: it follows the layer's device, never its rounding. (The one
         override of a private nn.Module method here; torch's own RNN modules override it too.)"""
-        before = None if self.magnitude is None else self.magnitude.detach()  # (fp32 values)
+        magnitude = self.magnitude
+        before = None if magnitude is None else (  # the float32 values (.data is swapped)
+            magnitude.detach(), None if magnitude.grad is None else magnitude.grad.detach())
         super()._apply(fn, recurse)
         magnitude, acc = self.magnitude, accumulation_dtype(self.weight.dtype)
         if magnitude is not None and magnitude.dtype != acc:
             # converted from the values before, not from a rounded copy (none on meta)
-            source = magnitude if before.is_meta or magnitude.is_meta else before
-            magnitude.data = source.detach().to(device=magnitude.device, dtype=acc)
-            if magnitude.grad is not None:
-                magnitude.grad = magnitude.grad.to(acc)
+            for name, old in zip(("data", "grad"), before):
+                new = getattr(magnitude, name)
+                if new is not None:
+                    source = new if old is None or old.is_meta or new.is_meta else old
+                    setattr(magnitude, name, source.to(device=new.device, dtype=acc))
         if self._merged_norm is not None:  # stays float64, follows the weight's device
             self._merged_norm = self._merged_norm.to(self.weight.device)
         return self
@@ -321,6 +343,9 @@ class AdaptedLayer(nn.Module):
                                       *rest, **kwargs)
         if prefix + "_extra_state" in missing_keys:  # a state dict without it: not merged
             missing_keys.remove(prefix + "_extra_state")
+        magnitude, acc = self.magnitude, accumulation_dtype(self.weight.dtype)
+        if magnitude is not None and magnitude.dtype != acc:  # assign=True took a bf16 one
+            magnitude.data = magnitude.data.to(acc)
 
     # --- forward (DoRALinear has its own, fused) ----------------------------------------------
 

@@ -108,6 +108,17 @@ def linear_lora_output(x, weight, lora_A, lora_B, scaling, lora_input=None):
     return torch.add(x @ weight.T, (x_a @ lora_A.T) @ lora_B.T, alpha=scaling)
 
 
+def dora_scale_unchecked(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
+                         trailing_dims=0):
+    """DoRAFunction.apply, with A and B passed detached when the norm is (Eq. 11 sends them no
+    gradient through it; y0's graph gives them theirs), so that the Function never returns None
+    for an input that needs a gradient (which compiled autograd does not accept)."""
+    if detach_norm:
+        lora_A, lora_B = lora_A.detach(), lora_B.detach()
+    return DoRAFunction.apply(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
+                              trailing_dims)
+
+
 class DoRAFunction(torch.autograd.Function):
     """y = c ⊙ y0 + b with c = m / ‖W0 + s·B A‖_c, for the LoRA output y0 of any layer.
 
@@ -146,7 +157,8 @@ class DoRAFunction(torch.autograd.Function):
         if needs[0]:  # Eq. 11: ∂L/∂y0 = c ⊙ G
             grad_y0 = (G * along_channel(c, trailing)).to(G.dtype)
         if needs[4] or exact:
-            sum_G_y0 = sum_but_channel(G * y0, trailing, c.dtype)  # (out,): Σ G ⊙ y0
+            # (out,): Σ G ⊙ y0, the products in float32 (fp16's overflow at 65504)
+            sum_G_y0 = sum_but_channel(G.to(c.dtype) * y0, trailing, c.dtype)
         if needs[4]:  # Eq. 7: ∂L/∂m = Σ G ⊙ y0 / n
             grad_m = divide_or_zero(sum_G_y0, norm).to(magnitude.dtype)
         if exact:  # Eq. 6: ∂L/∂n = -c ⊙ Σ G ⊙ y0 / n, then on to A and B

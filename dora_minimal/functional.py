@@ -12,8 +12,8 @@ dtype), while the magnitude, the norms and the scale c stay float32.
 import torch
 from torch.nn import functional as F
 
-from .checks import check_bool, check_dora_arguments, check_positive
-from .core import DoRAFunction
+from .checks import check_array, check_bool, check_dora_arguments, check_positive
+from .core import dora_scale_unchecked
 from .routes import choose_route, dora_linear_route
 
 
@@ -41,22 +41,30 @@ def check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scali
                          array_type=torch.Tensor, names=names, needs_m=use_dora)
     given = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B,
              "magnitude": magnitude, "bias": bias}
-    devices = {name: t.device for name, t in given.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError("all tensors must be on one device, got "
-                         + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+    check_same_device(**given)
     for name in ("x", "lora_A", "lora_B", "bias"):
         if given[name] is not None and given[name].dtype != weight.dtype:
             raise TypeError(f"{name}: expected dtype {weight.dtype} (weight's), "
                             f"got {given[name].dtype}")
+    check_frozen(weight)
+    if torch.compiler.is_compiling():  # a symbolic float there; eager calls check it
+        return scaling
+    return check_positive("scaling", scaling)
+
+
+def check_same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("all tensors must be on one device, got "
+                         + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+
+
+def check_frozen(weight):
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight: expected a frozen weight (requires_grad=False); DoRA trains "
                          "lora_A, lora_B and magnitude, and computes no gradient for weight "
                          "(with torch.func, differentiate only those three and pass the frozen "
                          "weight and bias to functional_call separately)")
-    if torch.compiler.is_compiling():  # a symbolic float there; eager calls check it
-        return scaling
-    return check_positive("scaling", scaling)
 
 
 def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach_norm=True,
@@ -78,9 +86,13 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
                                detach_norm, lora_input=lora_input)
     s = check_functional_arguments(x, weight, lora_A, lora_B, magnitude, bias, scaling)
     detach_norm = check_bool("detach_norm", detach_norm)
-    if lora_input is not None and lora_input.shape != x.shape:
-        raise ValueError(f"lora_input: expected x's shape {tuple(x.shape)}, "
-                         f"got {tuple(lora_input.shape)}")
+    if lora_input is not None:
+        check_array("lora_input", lora_input, None, torch.Tensor)
+        if (lora_input.shape, lora_input.dtype, lora_input.device) != (x.shape, x.dtype,
+                                                                       x.device):
+            raise ValueError(f"lora_input: expected x's shape {tuple(x.shape)}, dtype {x.dtype} "
+                             f"and device {x.device}, got {tuple(lora_input.shape)}, "
+                             f"{lora_input.dtype} and {lora_input.device}")
     return dora_linear_checked(x, lora_input, weight, lora_A, lora_B, magnitude, bias, s,
                                detach_norm)
 
@@ -127,8 +139,10 @@ def dora_scale(y0, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
     """
     check_dora_arguments(None, weight, lora_A, lora_B, magnitude, bias, array_type=torch.Tensor,
                          names=("y0", "weight", "lora_A", "lora_B", "magnitude"), needs_x=False)
-    if not isinstance(y0, torch.Tensor):
-        raise TypeError(f"y0: expected a torch.Tensor, got {type(y0).__name__}")
+    check_array("y0", y0, None, torch.Tensor)  # (a floating dtype: autocast's may differ)
+    check_same_device(y0=y0, weight=weight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude,
+                      bias=bias)
+    check_frozen(weight)
     if isinstance(trailing_dims, bool) or not isinstance(trailing_dims, int) or not (
             0 <= trailing_dims < y0.ndim):
         raise ValueError(f"trailing_dims: expected an integer from 0 to y0.ndim - 1 = "
@@ -143,5 +157,5 @@ def dora_scale(y0, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
     args = (y0, weight, lora_A, lora_B, magnitude, bias, s, detach_norm, trailing_dims)
     if autocast_dtype(y0) is not None:
         with torch.autocast(y0.device.type, enabled=False):
-            return DoRAFunction.apply(*args)
-    return DoRAFunction.apply(*args)
+            return dora_scale_unchecked(*args)
+    return dora_scale_unchecked(*args)

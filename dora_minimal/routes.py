@@ -31,7 +31,7 @@ import contextlib
 import torch
 from torch.nn import functional as F
 
-from .core import (DoRAFunction, adapted_row_norm, adapted_rows, divide_or_zero,
+from .core import (adapted_row_norm, adapted_rows, divide_or_zero, dora_scale_unchecked,
                    linear_lora_output, norm_backward, row_blocks)
 
 ROUTES = ("core", "merged_weight", "blocked")
@@ -98,8 +98,19 @@ def dora_linear_route(route, x, lora_input, weight, lora_A, lora_B, magnitude, b
         return Blocked.apply(x, lora_input, weight, lora_A, lora_B, magnitude, bias, scaling,
                              detach_norm)
     y0 = linear_lora_output(x, weight, lora_A, lora_B, scaling, lora_input)
-    return DoRAFunction.apply(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
-                              0)
+    return dora_scale_unchecked(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm)
+
+
+def new_linear(x, W, bias):
+    """F.linear(x, W, bias) (..., out) as a tensor of its own: F.linear of a 1-d or 3-d x is
+    a view, and autograd refuses in-place changes (nn.ReLU(inplace=True)) of a view that a
+    Function returns."""
+    if x.dim() == 2:
+        return F.linear(x, W, bias)
+    y = x.new_empty(*x.shape[:-1], W.shape[0])
+    y2, x2 = y.view(-1, W.shape[0]), x.reshape(-1, x.shape[-1])  # (T, out), (T, in)
+    torch.mm(x2, W.T, out=y2) if bias is None else torch.addmm(bias, x2, W.T, out=y2)
+    return y
 
 
 def merged_weight(weight, lora_A, lora_B, magnitude, scaling):
@@ -122,8 +133,8 @@ def core_gradients(ctx, grad_y, inputs, needs):
     x, x_a, weight, lora_A, lora_B, magnitude, bias = inputs
     with torch.enable_grad():
         y0 = linear_lora_output(x, weight, lora_A, lora_B, ctx.scaling, x_a)
-        y = DoRAFunction.apply(y0, weight, lora_A, lora_B, magnitude, bias, ctx.scaling,
-                               ctx.detach_norm, 0)
+        y = dora_scale_unchecked(y0, weight, lora_A, lora_B, magnitude, bias, ctx.scaling,
+                                 ctx.detach_norm)
     wanted = [i for i, t in enumerate(inputs) if t is not None and needs[i]]
     grads = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, allow_unused=True,
                                 create_graph=torch.is_grad_enabled())
@@ -153,7 +164,7 @@ class MergedWeight(torch.autograd.Function):
         W = V * c  # (out, in): W' = c ⊙ V'
         ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, bias, V, W, c, norm)
         ctx.scaling, ctx.detach_norm = scaling, detach_norm
-        return F.linear(x, W, bias)  # (..., out)
+        return new_linear(x, W, bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -202,13 +213,15 @@ class Blocked(torch.autograd.Function):
         c = divide_or_zero(magnitude.to(norm.dtype), norm)  # (out,)
         xA = xa2 @ lora_A.T  # (T, r)
         y0 = (xA @ lora_B.T).addmm_(x2, weight.T, beta=scaling)  # (T, out): s·xA B^T + x W0^T
-        y = torch.empty_like(y0)  # y = c ⊙ y0 + b, computed in float32 and rounded once
-        torch.mul(y0, c, out=y) if bias is None else torch.addcmul(bias, y0, c, out=y)
+        y = y0.new_empty(*x.shape[:-1], out_features)  # (..., out): not a view (new_linear)
+        # y = c ⊙ y0 + b, computed in float32 and rounded once
+        y2 = y.view(-1, out_features)  # (T, out)
+        torch.mul(y0, c, out=y2) if bias is None else torch.addcmul(bias, y0, c, out=y2)
         keep_y0 = magnitude.requires_grad or not detach_norm  # only Eq. 7 and 6 read it
         ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, magnitude, bias, c, norm,
                               xA, y0 if keep_y0 else None)
         ctx.scaling, ctx.detach_norm = scaling, detach_norm
-        return y.reshape(*x.shape[:-1], out_features)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -243,7 +256,10 @@ class Blocked(torch.autograd.Function):
                 else:
                     torch.mm(Gc, weight, out=grad_x[rows])
             if block_sums is not None:  # the buffer takes G ⊙ y0 after Gc's last use
-                product = torch.mul(G_rows, y0[rows], out=buffer[:len(G_rows)])
+                if G.dtype == torch.float16:  # (fp16's products overflow at 65504)
+                    product = G_rows.float().mul_(y0[rows])
+                else:
+                    product = torch.mul(G_rows, y0[rows], out=buffer[:len(G_rows)])
                 torch.sum(product, 0, dtype=block_sums.dtype, out=block_sums[i])
         grad_xa = s * (GcB @ lora_A) if needs[1] else None  # (T, in)
         grad_A = s * (GcB.T @ xa2) if needs[3] else None  # (r, in): s·(Gc B)^T x_a

@@ -64,7 +64,7 @@ def test_every_public_name_is_the_object_its_module_defines():
         assert value is getattr(module, name), name
     from dora_minimal import (DoRAFunction, DoRALinear, LoraConfig, dora_linear,  # noqa: F401
                               get_peft_model)
-    assert dora_minimal.functional.DoRAFunction is DoRAFunction  # a submodule, as an attribute
+    assert dora_minimal.core.DoRAFunction is DoRAFunction  # a submodule, as an attribute
 
 
 def test_an_unknown_name_is_an_attribute_error():

@@ -766,3 +766,119 @@ def test_the_toy_trains_with_the_default_adam_where_fused_is_missing(monkeypatch
     data = (torch.randn(16, 4), torch.randn(16, 2))
     losses = toy.train(model, data, 5, 1e-2, 4, torch.Generator().manual_seed(0))
     assert len(losses) == 5 and all(math.isfinite(loss) for loss in losses)
+
+
+# --- found by an adversarial review of the core and its routes ---------------------------------
+
+@pytest.mark.parametrize("route", ["core", "merged_weight", "blocked"])
+@pytest.mark.parametrize("shape", [(6,), (4, 6), (2, 3, 6)], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_an_in_place_op_on_the_output_trains_on_every_route(route, shape, dtype):
+    """nn.ReLU(inplace=True) after the layer: a Function's output that is a view of one of its
+    own tensors cannot be changed in place, so no route returns one."""
+    results = []
+    for inplace in (True, False):
+        layer = trained_layer(dtype)
+        x = torch.randn(*shape, dtype=torch.float64).to(dtype)
+        with dm.routes.force_route(route):
+            y = nn.ReLU(inplace=inplace)(layer(x))
+        y.float().square().sum().backward()
+        results.append([y.detach(), layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("route", ["core", "merged_weight", "blocked"])
+def test_the_magnitudes_gradient_is_summed_in_float32_in_fp16(route):
+    """Σ G ⊙ y0 of ∂L/∂m: with G and y0 of 300 in fp16 each product overflows fp16 (65504); in
+    float32 ∂L/∂m = 300·300/‖w‖ = 90000 fits (a GradScaler's scaled gradients look so)."""
+    layer = DoRALinear(4, 2, r=1, lora_alpha=1, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.fill_(0.5)
+        layer.bias.zero_()
+    layer.reset_magnitude()
+    layer = layer.half()
+    x = torch.full((1, 4), 150.0, dtype=torch.float16)
+    with dm.routes.force_route(route):
+        y = layer(x)
+    y.backward(torch.full_like(y, 300.0))
+    assert torch.allclose(layer.magnitude.grad, torch.full((2,), 90000.0), rtol=1e-3)
+
+
+def test_compiled_autograd_on_the_core_with_the_norm_detached():
+    """A convolution (the core's route) in detach mode under compiled autograd: the Function
+    takes A and B detached there, so it never returns None for an input needing a gradient."""
+    torch.manual_seed(0)
+    layer = dm.DoRAConv1d.from_base(nn.Conv1d(3, 4, 3), r=2, lora_alpha=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3, 8)
+    loss = layer(x).square().sum()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+        loss.backward()
+    compiled = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    for a, p in zip(compiled, (layer.lora_A, layer.lora_B, layer.magnitude)):
+        assert rel_error(a.numpy(), p.grad.numpy()) < 1e-5
+
+
+def test_half_keeps_the_magnitude_and_its_gradient_in_float32_unrounded():
+    layer = trained_layer(torch.float32)
+    layer.magnitude.grad = torch.tensor([1e5, 1e-8, 1.0, 2.0, 3.0])
+    values = layer.magnitude.detach().clone()
+    layer.half()
+    assert layer.magnitude.dtype == layer.magnitude.grad.dtype == torch.float32
+    assert torch.equal(layer.magnitude.detach(), values)
+    assert layer.magnitude.grad[0] == 1e5 and layer.magnitude.grad[1] == torch.tensor(1e-8)
+
+
+def test_a_bf16_state_dict_loaded_with_assign_keeps_the_magnitude_float32():
+    layer = trained_layer(torch.bfloat16)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["magnitude"] = state["magnitude"].bfloat16()
+    layer.load_state_dict(state, assign=True)
+    assert layer.magnitude.dtype == torch.float32 and layer.magnitude.requires_grad
+
+
+def test_detach_norm_and_use_dora_are_checked_settings():
+    layer = trained_layer()
+    with pytest.raises(TypeError, match="detach_norm: expected True or False, got 'False'"):
+        layer.detach_norm = "False"
+    assert layer.detach_norm is True
+    layer.detach_norm = False
+    assert layer.detach_norm is False
+    with pytest.raises(AttributeError, match="use_dora: is fixed when the layer is built"):
+        layer.use_dora = False
+    assert layer.use_dora and layer.magnitude is not None
+
+
+def test_an_unfrozen_weight_is_refused_by_every_layer_kind_and_dora_scale():
+    """With weight.requires_grad the exact mode's weight gradient would miss the norm's path:
+    refused with a clear error, as dora_linear refuses it."""
+    conv = dm.DoRAConv2d.from_base(nn.Conv2d(2, 3, 3), r=2, lora_alpha=4, detach_norm=False)
+    conv.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="weight: expected a frozen weight"):
+        conv(torch.randn(1, 2, 5, 5))
+    with pytest.raises(ValueError, match="weight: expected a frozen weight"):
+        dm.dora_scale(torch.ones(2, 3), torch.ones(3, 5, requires_grad=True), torch.ones(1, 5),
+                      torch.ones(3, 1), torch.ones(3), 1.0)
+
+
+@pytest.mark.parametrize("y0, message", [
+    (torch.tensor([[3, -3, 7]]), "y0: expected a real floating dtype"),
+    (torch.tensor([[True, False, True]]), "y0: expected a real floating dtype"),
+    ([[1.0, 2.0, 3.0]], "y0: expected a Tensor"),
+])
+def test_dora_scale_refuses_a_y0_that_is_not_a_floating_tensor(y0, message):
+    with pytest.raises(TypeError, match=message):
+        dm.dora_scale(y0, torch.ones(3, 5), torch.ones(1, 5), torch.ones(3, 1), torch.ones(3), 1.0)
+
+
+def test_lora_input_of_another_dtype_or_type_is_a_clear_error():
+    args = (torch.ones(2, 5), torch.ones(3, 5), torch.ones(1, 5), torch.ones(3, 1), torch.ones(3),
+            1.0)
+    with pytest.raises(ValueError, match="lora_input: expected x's shape .* dtype torch.float32"):
+        dm.dora_linear(*args, lora_input=torch.ones(2, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="lora_input: expected a Tensor"):
+        dm.dora_linear(*args, lora_input=[[1.0] * 5] * 2)
