@@ -324,7 +324,7 @@ def build_adapters(model, config):
         torch_nn = "nn." if type(model).__module__.startswith("torch.nn") else ""
         raise ValueError(f"model: is itself an {torch_nn}{type(model).__name__}, which cannot be "
                          f"replaced in place; use its adapter class's from_base (for nn.Linear, "
-                         f"DoRALinear.from_linear(model, ...)) or wrap it in a module")
+                         f"DoRALinear.from_base(model, ...)) or wrap it in a module")
     names = _names_by_module(model)
     adaptable = {m: n for m, n in names.items() if kind_of(m) is not None}
     listed = [n[0] for n in adaptable.values()]

@@ -35,7 +35,7 @@ def effective_weights(model):
     weights = {}
     for name, module in model.named_modules():
         if isinstance(module, DoRALinear):
-            weights[name] = module.to_linear().weight.detach().clone()
+            weights[name] = module.to_base().weight.detach().clone()
         elif isinstance(module, nn.Linear):
             weights[name] = module.weight.detach().clone()
     return weights

@@ -47,13 +47,13 @@ def make_layers(args, device, dtype):
     torch.manual_seed(0)
     base = torch.nn.Linear(args.in_features, args.out_features, device=device, dtype=dtype)
     base.requires_grad_(False)
-    dora = DoRALinear.from_linear(base, args.rank, args.alpha)
+    dora = DoRALinear.from_base(base, args.rank, args.alpha)
     with torch.no_grad():
         dora.lora_B.normal_(0, 0.01)
         dora.magnitude.mul_(1.01)
     exact = copy.deepcopy(dora)
     exact.detach_norm = False
-    lora = DoRALinear.from_linear(base, args.rank, args.alpha, use_dora=False)
+    lora = DoRALinear.from_base(base, args.rank, args.alpha, use_dora=False)
     with torch.no_grad():
         lora.lora_A.copy_(dora.lora_A)
         lora.lora_B.copy_(dora.lora_B)
@@ -217,7 +217,7 @@ def _run(args):
             for name, (ms, mib) in measure(steps, device, args.warmup, args.repeat).items()]
 
     # (meta tensors hold no values to merge; a merged layer has the base layer's shapes)
-    merged = ours["dora"].to_linear() if device.type != "meta" else copy.deepcopy(base)
+    merged = ours["dora"].to_base() if device.type != "meta" else copy.deepcopy(base)
     evaluation = {"frozen": base, "lora": ours["lora"], "dora": ours["dora"], "merged": merged}
     for module in evaluation.values():
         module.eval()

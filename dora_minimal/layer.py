@@ -36,8 +36,6 @@ class DoRALinear(AdaptedLayer):
         detach_norm: DoRA's backward treats ‖V'‖_c as a constant (Eq. 11, default) or not (Eq. 6).
     """
     BASE_TYPES = (nn.Linear,)
-    _to_plain_name = "to_linear()"
-
     def __init__(self, in_features, out_features, r, lora_alpha, lora_dropout=0.0, bias=True,
                  use_dora=True, detach_norm=True, device=None, dtype=None):
         in_features = check_positive_int("in_features", in_features)
@@ -55,10 +53,8 @@ class DoRALinear(AdaptedLayer):
     @classmethod
     def from_linear(cls, linear, r, lora_alpha, lora_dropout=0.0, use_dora=True,
                     detach_norm=True):
-        """Wrap a pretrained nn.Linear: copies its weight and bias (same device and dtype)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
-        return cls._wrap(linear, r, lora_alpha, lora_dropout, use_dora, detach_norm)
+        """The same as from_base (every layer kind's name for it), kept for nn.Linear."""
+        return cls.from_base(linear, r, lora_alpha, lora_dropout, use_dora, detach_norm)
 
     @classmethod
     def adapts(cls, module):
@@ -126,7 +122,7 @@ class DoRALinear(AdaptedLayer):
                 and (m is not None) == self.use_dora)
 
     def to_linear(self):
-        """A plain nn.Linear holding the merged weight W' and the bias; this layer is unchanged."""
+        """The same as to_base(): a plain nn.Linear holding W' and the bias."""
         return self.to_base()
 
     def extra_repr(self):

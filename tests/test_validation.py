@@ -131,9 +131,20 @@ def test_layer_constructor_rejects_bad_hyperparameters(kwargs, error, message):
         DoRALinear(**arguments)
 
 
-def test_from_linear_needs_an_nn_linear():
-    with pytest.raises(TypeError, match="^linear: expected a torch.nn.Linear, got Conv1d"):
-        DoRALinear.from_linear(torch.nn.Conv1d(2, 3, 1), r=1, lora_alpha=1)
+def test_from_base_needs_an_nn_linear_and_from_linear_is_the_same():
+    """from_base/to_base is every layer kind's pair; DoRALinear's from_linear/to_linear are the
+    same methods (a subclass of nn.Linear with a forward of its own is refused by both)."""
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    for make in (DoRALinear.from_base, DoRALinear.from_linear):
+        with pytest.raises(TypeError, match="^module: DoRALinear adapts torch.nn.Linear, "
+                                            "got Conv1d"):
+            make(torch.nn.Conv1d(2, 3, 1), r=1, lora_alpha=1)
+        with pytest.raises(TypeError, match="got Scaled"):
+            make(Scaled(2, 3), r=1, lora_alpha=1)
+    layer = DoRALinear.from_linear(torch.nn.Linear(4, 3), r=2, lora_alpha=2)
+    assert torch.equal(layer.to_linear().weight, layer.to_base().weight)
 
 
 def adapted_layers():
