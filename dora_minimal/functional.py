@@ -100,11 +100,7 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach
 def dora_linear_checked(x, lora_input, weight, lora_A, lora_B, magnitude, bias, scaling,
                         detach_norm):
     """dora_linear after its checks: the route choose_route picks (dora_minimal.routes)."""
-    needs_grad = torch.is_grad_enabled() and (
-        lora_A.requires_grad or lora_B.requires_grad or magnitude.requires_grad
-        or x.requires_grad or lora_input is not None and lora_input.requires_grad
-        or bias is not None and bias.requires_grad)
-    route = choose_route(x, lora_input, weight, needs_grad)
+    route = choose_route(x, lora_input, weight, torch.is_grad_enabled())
     return dora_linear_route(route, x, lora_input, weight, lora_A, lora_B, magnitude, bias,
                              scaling, detach_norm)
 

@@ -69,7 +69,8 @@ def force_route(name):
 
 def choose_route(x, lora_input, weight, needs_grad):
     """The route of one DoRA call of a linear layer: x (..., in), weight (out, in), lora_input
-    the adapter branch's input if not x (dropout), needs_grad whether autograd records it."""
+    the adapter branch's input if not x (dropout), needs_grad whether autograd may record it
+    (grad mode)."""
     if not plain_eager():
         return "core"
     # W' = c ⊙ V' in bf16/fp16 would round c, and dropout feeds the adapter another x
@@ -164,7 +165,7 @@ class MergedWeight(torch.autograd.Function):
         W = V * c  # (out, in): W' = c ⊙ V'
         ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, bias, V, W, c, norm)
         ctx.scaling, ctx.detach_norm = scaling, detach_norm
-        return new_linear(x, W, bias)  # (..., out)
+        return F.linear(x, W, bias) if x.dim() == 2 else new_linear(x, W, bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_y):
