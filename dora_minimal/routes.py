@@ -38,19 +38,35 @@ ROUTES = ("core", "merged_weight", "blocked")
 SMALL_STEP = 2**26  # merged_weight serves training steps of at most this many multiply-adds
 _forced = None
 
-# The only private PyTorch names in the package, read once: whether a torch.func transform is
-# running, and whether a gradient was batched by autograd.grad(is_grads_batched=True) (torch 2.13
-# has no public test for either). Without them plain_eager() says no, and the core runs.
+# The package's only private PyTorch names, here together, each with a public fallback (torch
+# 2.13 has no public form of either): whether a torch.func transform is running (without it,
+# plain_eager() says no and every call takes the core), and autograd's C++ apply (without it,
+# Function.apply).
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", None)
+_cpp_apply = getattr(torch._C, "_FunctionBase", None)
 
 
 def plain_eager(grad=None):
     """True for a plain eager call, where a route may run: not traced by torch.compile or export,
-    no torch.func transform running, and `grad` (in backward) not batched."""
-    if torch.compiler.is_compiling() or _transforms_active is None or _legacy_batched is None:
+    no torch.func transform running, and `grad` (in backward) a tensor with storage (a gradient
+    batched by autograd.grad(is_grads_batched=True) has none, and out= cannot write batches)."""
+    if torch.compiler.is_compiling() or _transforms_active is None or _transforms_active():
         return False
-    return not _transforms_active() and not (grad is not None and _legacy_batched(grad))
+    if grad is not None:
+        try:
+            grad.untyped_storage()
+        except RuntimeError:  # "Cannot access storage of BatchedTensorImpl"
+            return False
+    return True
+
+
+def route_apply(function, *args):
+    """function.apply(*args) through autograd's C++ apply: Function.apply's Python first looks for
+    torch.func transforms and unwraps their tensors (a route runs only where plain_eager() said
+    there are none), which costs about as much as a toy step's arithmetic (chapter 8)."""
+    if _cpp_apply is None:
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*args)
 
 
 @contextlib.contextmanager
@@ -93,11 +109,11 @@ def dora_linear_route(route, x, lora_input, weight, lora_A, lora_B, magnitude, b
     if route == "merged_weight" and not torch.is_grad_enabled():
         return F.linear(x, merged_weight(weight, lora_A, lora_B, magnitude, scaling), bias)
     if route == "merged_weight":
-        return MergedWeight.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling,
-                                  detach_norm)
+        return route_apply(MergedWeight, x, weight, lora_A, lora_B, magnitude, bias, scaling,
+                           detach_norm)
     if route == "blocked":
-        return Blocked.apply(x, lora_input, weight, lora_A, lora_B, magnitude, bias, scaling,
-                             detach_norm)
+        return route_apply(Blocked, x, lora_input, weight, lora_A, lora_B, magnitude, bias,
+                           scaling, detach_norm)
     y0 = linear_lora_output(x, weight, lora_A, lora_B, scaling, lora_input)
     return dora_scale_unchecked(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm)
 

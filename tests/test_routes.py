@@ -53,15 +53,25 @@ def test_a_route_gives_the_cores_output_in_eval(route, p, dropout):
 
 
 def test_without_the_private_names_every_call_takes_the_core(monkeypatch):
-    """The two private torch names are read once; where a torch release lacks them, no route
-    is taken (the core is correct everywhere) and the numbers stay the same."""
+    """The two private torch names are read once; where a torch release lacks them, routes go
+    through Function.apply, or none is taken (the core is correct everywhere), with the same
+    numbers."""
     x = torch.randn(4, 6, dtype=torch.float64)
     W0 = torch.randn(5, 6, dtype=torch.float64)
     assert routes.choose_route(x, None, W0, True) == "merged_weight"
-    monkeypatch.setattr(routes, "_legacy_batched", None)
+    monkeypatch.setattr(routes, "_cpp_apply", None)  # Function.apply instead: the same numbers
+    A, B, m = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 6), (5, 2),
+                                                                                   (5,)))
+    y = dora_linear(x, W0, A, B, m, 1.5)
+    assert type(y.grad_fn).__name__ == "MergedWeightBackward"
+    expected = dora_linear(x, W0, A, B, m, 1.5)
+    monkeypatch.setattr(routes, "_transforms_active", None)
     assert routes.choose_route(x, None, W0, True) == "core"
     with routes.force_route("blocked"):
         assert routes.choose_route(x, None, W0, True) == "core"
+    y = dora_linear(x, W0, A, B, m, 1.5)
+    assert type(y.grad_fn).__name__ == "DoRAFunctionBackward"
+    assert torch.allclose(y, expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("route", SPEEDY)
