@@ -47,8 +47,9 @@ KINDS = {
 }
 
 
-def make(kind, use_dora=True, detach_norm=True, seed=0, base=None):
-    """(plain base layer, adapted layer with a trained-looking adapter, input), in float64."""
+def make(kind, use_dora=True, detach_norm=True, seed=0, base=None, dead_unit=True):
+    """(plain base layer, adapted layer with a trained-looking adapter, input), in float64: the
+    magnitudes of either sign, and (dead_unit) the last output a zero row of V' with m = 0."""
     make_base, make_x, adapter_class = KINDS[kind]
     torch.manual_seed(seed)
     base = (make_base() if base is None else base).double()
@@ -57,8 +58,13 @@ def make(kind, use_dora=True, detach_norm=True, seed=0, base=None):
     with torch.no_grad():  # move the adapter away from its init
         layer.lora_A.normal_(0, 0.5)
         layer.lora_B.normal_(0, 0.5)
-        if use_dora:
-            layer.magnitude.mul_(torch.rand_like(layer.magnitude) + 0.5)
+        if use_dora:  # magnitudes of either sign (row 0 negative)
+            layer.magnitude.mul_(torch.rand_like(layer.magnitude) * 3 - 1.5)
+            layer.magnitude[0] = -layer.magnitude[0].abs()
+        if use_dora and dead_unit:  # a zero row of W0 and of B, so V'_j = 0, and m_j = 0
+            layer._weight_view(layer.weight)[-1] = 0
+            layer._lora_views()[1][-1] = 0
+            layer.magnitude[-1] = 0
         if kind == "embedding":  # the padding column of A starts at 0 and gets no gradient
             layer.lora_A[:, layer.padding_idx] = 0
     x = make_x()
@@ -78,6 +84,7 @@ def textbook_weight(kind, layer, detach_norm=True):
         return V
     norm = torch.linalg.vector_norm(V, dim=norm_dims, keepdim=True)
     norm = norm.detach() if detach_norm else norm
+    norm = torch.where(norm == 0, torch.inf, norm)  # the zero-row rule: a dead unit stays 0
     return layer.magnitude.reshape(m_shape) * V / norm  # Eq. 5: W' = m · V'/‖V'‖_c
 
 
@@ -304,7 +311,8 @@ def peft_pair(kind, use_dora):
     base = None
     if kind == "gpt2_conv1d":
         base = pytest.importorskip("transformers.pytorch_utils").Conv1D(5, 4)
-    base, ours, x = make(kind, use_dora, base=base)
+    # (no dead unit: PEFT divides by its zero norm, where the zero-row rule here gives 0)
+    base, ours, x = make(kind, use_dora, base=base, dead_unit=False)
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], use_dora=use_dora,
                              fan_in_fan_out=kind == "gpt2_conv1d")
     with warnings.catch_warnings():

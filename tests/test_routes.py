@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from dora_minimal import dora_linear, routes
-from helpers import problems, rel_error
+from helpers import ROW_KINDS, problems, rel_error
 
 # (the eval route forms W' when tokens >= in; bias and a separate adapter input vary too)
 SPEEDY = ["merged_weight", "blocked"]
@@ -28,7 +28,7 @@ def run(route, p, detach_norm, dropout, train=True):
 
 
 @pytest.mark.parametrize("route", SPEEDY)
-@given(p=problems(min_tokens=1), detach_norm=st.booleans(), dropout=st.booleans())
+@given(p=problems(min_tokens=1, rows=ROW_KINDS), detach_norm=st.booleans(), dropout=st.booleans())
 def test_a_route_gives_the_cores_output_and_gradients(route, p, detach_norm, dropout):
     ours, function = run(route, p, detach_norm, dropout)
     core, core_function = run("core", p, detach_norm, dropout)
@@ -45,7 +45,7 @@ def test_a_route_gives_the_cores_output_and_gradients(route, p, detach_norm, dro
 
 
 @pytest.mark.parametrize("route", SPEEDY)
-@given(p=problems(min_tokens=1), dropout=st.booleans())
+@given(p=problems(min_tokens=1, rows=ROW_KINDS), dropout=st.booleans())
 def test_a_route_gives_the_cores_output_in_eval(route, p, dropout):
     (ours,), _ = run(route, p, True, dropout, train=False)
     (core,), _ = run("core", p, True, dropout, train=False)
