@@ -146,7 +146,7 @@ def parse_args(argv):
     add("--rank", type=integer(1, width, rank_too_large), default=defaults.rank,
         help=f"adapter rank r, at most the hidden layers' width {width}")
     add("--lora-alpha", type=positive_number, default=defaults.lora_alpha,
-        help="adapter scaling s = lora_alpha / r")
+        help="the scaling's numerator: s = lora_alpha / r")
     add("--pretrain-steps", type=integer(1), default=defaults.pretrain_steps,
         help="pretraining steps on the original task")
     add("--pretrain-lr", type=positive_number, default=defaults.pretrain_lr,

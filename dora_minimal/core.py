@@ -37,6 +37,81 @@ import torch
 NORM_BLOCK_ELEMENTS = 2**22
 
 
+class DoRAFunction(torch.autograd.Function):
+    """y = c ⊙ y0 + b with c = m / ‖W0 + s·B A‖_c, for the LoRA output y0 of any layer.
+
+    y0 (..., out, *trailing): the layer's LoRA output, without bias; weight (out, in') frozen,
+    lora_A (r, in'), lora_B (out, r): the layer's (out, in') views; magnitude (out,); bias (out,)
+    or None; scaling s; detach_norm: Eq. 11 (True, as PEFT) or the exact Eq. 6 (False);
+    trailing_dims: how many dims of y0 follow its channel dim.
+    """
+    generate_vmap_rule = True  # torch.func.vmap batches forward and backward as they are
+
+    @staticmethod
+    def forward(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
+                trailing_dims):
+        norm = adapted_row_norm(weight, lora_A, lora_B, scaling)  # (out,): n = ‖V'‖_c
+        c = along_channel(divide_or_zero(magnitude.to(norm.dtype), norm), trailing_dims)
+        y = y0 * c if bias is None else torch.addcmul(along_channel(bias, trailing_dims), y0, c)
+        return y.to(y0.dtype)  # y = c ⊙ y0 + b, in float32 and rounded once
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm, trailing_dims = inputs
+        ctx.save_for_backward(y0, weight, lora_A, lora_B, magnitude)
+        ctx.scaling, ctx.detach_norm, ctx.trailing_dims = scaling, detach_norm, trailing_dims
+
+    @staticmethod
+    def backward(ctx, G):
+        y0, weight, lora_A, lora_B, magnitude = ctx.saved_tensors
+        s, trailing = ctx.scaling, ctx.trailing_dims
+        # which inputs autograd wants a gradient for (y0, weight, lora_A, lora_B, magnitude, bias)
+        needs_y0, _, needs_A, needs_B, needs_m, needs_bias = ctx.needs_input_grad[:6]
+        exact = not ctx.detach_norm and (needs_A or needs_B)
+        # n and c as forward had them, computed again from the inputs (cheap next to y0), so
+        # that a double backward sees how they depend on A, B and m
+        norm = adapted_row_norm(weight, lora_A, lora_B, s)  # (out,)
+        norm = norm.detach() if ctx.detach_norm else norm
+        c = divide_or_zero(magnitude.to(norm.dtype), norm)  # (out,)
+        grad_y0 = grad_A = grad_B = grad_m = grad_bias = None
+        if needs_y0:  # Eq. 11: ∂L/∂y0 = c ⊙ G
+            grad_y0 = (G * along_channel(c, trailing)).to(G.dtype)
+        if needs_m or exact:
+            # (out,): Σ G ⊙ y0, the products in float32 (fp16's overflow at 65504)
+            sum_G_y0 = sum_but_channel(G.to(c.dtype) * y0, trailing, c.dtype)
+        if needs_m:  # Eq. 7: ∂L/∂m = Σ G ⊙ y0 / n
+            grad_m = divide_or_zero(sum_G_y0, norm).to(magnitude.dtype)
+        if exact:  # Eq. 6: ∂L/∂n = -c ⊙ Σ G ⊙ y0 / n, then on to A and B
+            grad_norm = divide_or_zero(-c * sum_G_y0, norm)  # (out,)
+            grad_A, grad_B = norm_backward(grad_norm, weight, lora_A, lora_B, s, norm)
+            grad_A, grad_B = grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+        if needs_bias:  # ∂L/∂b = Σ G
+            grad_bias = sum_but_channel(G, trailing, c.dtype).to(G.dtype)
+        # one gradient per input of forward; None for W0 (frozen) and the three settings
+        return grad_y0, None, grad_A, grad_B, grad_m, grad_bias, None, None, None
+
+
+def dora_scale_unchecked(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
+                         trailing_dims=0):
+    """DoRAFunction.apply, with A and B passed detached when the norm is (Eq. 11 sends them no
+    gradient through it; y0's graph gives them theirs), so that the Function never returns None
+    for an input that needs a gradient (which compiled autograd does not accept)."""
+    if detach_norm:
+        lora_A, lora_B = lora_A.detach(), lora_B.detach()
+    return DoRAFunction.apply(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
+                              trailing_dims)
+
+
+def linear_lora_output(x, weight, lora_A, lora_B, scaling, lora_input=None):
+    """A linear layer's y0 = x W0^T + s·(x_a A^T) B^T (..., out), x_a = lora_input (dropout(x))
+    or x, under autograd: what DoRAFunction scales for DoRALinear and dora_linear."""
+    x_a = x if lora_input is None else lora_input
+    return torch.add(x @ weight.T, (x_a @ lora_A.T) @ lora_B.T, alpha=scaling)
+
+
+# --- the helpers: the row norm in blocks, the zero-row rule, the channel dimension ---------
+
+
 def accumulation_dtype(dtype):
     """Norms, c and ∂L/∂m are float32 (float64 for float64 weights): in bf16 c = 1.001 is 1."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -99,72 +174,3 @@ def sum_but_channel(t, trailing_dims, dtype):
     channel = t.ndim - 1 - trailing_dims
     dims = [d for d in range(t.ndim) if d != channel]
     return t.sum(dims, dtype=dtype) if dims else t.to(dtype)  # (sum over dim=[] sums all)
-
-
-def linear_lora_output(x, weight, lora_A, lora_B, scaling, lora_input=None):
-    """A linear layer's y0 = x W0^T + s·(x_a A^T) B^T (..., out), x_a = lora_input (dropout(x))
-    or x, under autograd: what DoRAFunction scales for DoRALinear and dora_linear."""
-    x_a = x if lora_input is None else lora_input
-    return torch.add(x @ weight.T, (x_a @ lora_A.T) @ lora_B.T, alpha=scaling)
-
-
-def dora_scale_unchecked(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
-                         trailing_dims=0):
-    """DoRAFunction.apply, with A and B passed detached when the norm is (Eq. 11 sends them no
-    gradient through it; y0's graph gives them theirs), so that the Function never returns None
-    for an input that needs a gradient (which compiled autograd does not accept)."""
-    if detach_norm:
-        lora_A, lora_B = lora_A.detach(), lora_B.detach()
-    return DoRAFunction.apply(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
-                              trailing_dims)
-
-
-class DoRAFunction(torch.autograd.Function):
-    """y = c ⊙ y0 + b with c = m / ‖W0 + s·B A‖_c, for the LoRA output y0 of any layer.
-
-    y0 (..., out, *trailing): the layer's LoRA output, without bias; weight (out, in') frozen,
-    lora_A (r, in'), lora_B (out, r): the layer's (out, in') views; magnitude (out,); bias (out,)
-    or None; scaling s; detach_norm: Eq. 11 (True, as PEFT) or the exact Eq. 6 (False);
-    trailing_dims: how many dims of y0 follow its channel dim.
-    """
-    generate_vmap_rule = True  # torch.func.vmap batches forward and backward as they are
-
-    @staticmethod
-    def forward(y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm,
-                trailing_dims):
-        norm = adapted_row_norm(weight, lora_A, lora_B, scaling)  # (out,): n = ‖V'‖_c
-        c = along_channel(divide_or_zero(magnitude.to(norm.dtype), norm), trailing_dims)
-        y = y0 * c if bias is None else torch.addcmul(along_channel(bias, trailing_dims), y0, c)
-        return y.to(y0.dtype)  # y = c ⊙ y0 + b, in float32 and rounded once
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        y0, weight, lora_A, lora_B, magnitude, bias, scaling, detach_norm, trailing_dims = inputs
-        ctx.save_for_backward(y0, weight, lora_A, lora_B, magnitude)
-        ctx.scaling, ctx.detach_norm, ctx.trailing_dims = scaling, detach_norm, trailing_dims
-
-    @staticmethod
-    def backward(ctx, G):
-        y0, weight, lora_A, lora_B, magnitude = ctx.saved_tensors
-        s, trailing, needs = ctx.scaling, ctx.trailing_dims, ctx.needs_input_grad
-        exact = not ctx.detach_norm and (needs[2] or needs[3])
-        # n and c as forward had them, computed again from the inputs (cheap next to y0), so
-        # that a double backward sees how they depend on A, B and m
-        norm = adapted_row_norm(weight, lora_A, lora_B, s)  # (out,)
-        norm = norm.detach() if ctx.detach_norm else norm
-        c = divide_or_zero(magnitude.to(norm.dtype), norm)  # (out,)
-        grad_y0 = grad_A = grad_B = grad_m = grad_bias = None
-        if needs[0]:  # Eq. 11: ∂L/∂y0 = c ⊙ G
-            grad_y0 = (G * along_channel(c, trailing)).to(G.dtype)
-        if needs[4] or exact:
-            # (out,): Σ G ⊙ y0, the products in float32 (fp16's overflow at 65504)
-            sum_G_y0 = sum_but_channel(G.to(c.dtype) * y0, trailing, c.dtype)
-        if needs[4]:  # Eq. 7: ∂L/∂m = Σ G ⊙ y0 / n
-            grad_m = divide_or_zero(sum_G_y0, norm).to(magnitude.dtype)
-        if exact:  # Eq. 6: ∂L/∂n = -c ⊙ Σ G ⊙ y0 / n, then on to A and B
-            grad_norm = divide_or_zero(-c * sum_G_y0, norm)  # (out,)
-            grad_A, grad_B = norm_backward(grad_norm, weight, lora_A, lora_B, s, norm)
-            grad_A, grad_B = grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
-        if needs[5]:  # ∂L/∂b = Σ G
-            grad_bias = sum_but_channel(G, trailing, c.dtype).to(G.dtype)
-        return grad_y0, None, grad_A, grad_B, grad_m, grad_bias, None, None, None

@@ -175,14 +175,16 @@ def test_the_exercise_tables_and_hints_follow_the_exercises():
 
 
 def test_the_lines_chapter_6_quotes_from_the_core_are_the_cores():
-    """Chapter 6 quotes DoRAFunction's forward and backward in ```py blocks (shown, not run):
-    each quoted line's code (without its comment) is a line of dora_minimal/core.py."""
+    """Chapter 6 quotes DoRAFunction's forward and backward and MergedWeight's backward in ```py
+    blocks (shown, not run): each quoted line's code (without its comment) is a line of
+    dora_minimal/core.py or dora_minimal/routes.py."""
     def code(line):
         return line.split("  #")[0].strip()
-    core = {code(line) for line in (ROOT / "dora_minimal" / "core.py").read_text().splitlines()}
+    core = {code(line) for name in ("core.py", "routes.py")
+            for line in (ROOT / "dora_minimal" / name).read_text().splitlines()}
     text = (ROOT / "tutorial" / "06_pytorch.md").read_text()
     quoted = re.findall(r"^```py\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
-    assert len(quoted) == 2
+    assert len(quoted) == 3
     for block in quoted:
         for line in block.splitlines():
             assert code(line) in core, line
