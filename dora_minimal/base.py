@@ -57,7 +57,7 @@ class AdaptedLayer(nn.Module):
                             (in', out): WEIGHT_STORED_TRANSPOSED)
         _lora_views()       the (r, in') and (out, r) views of lora_A and lora_B (default: both)
         _base_op(x, W, b)   the layer's own op with weight W and bias b (or None)
-        _lora_op(x)         B(A(x)), without the scaling
+        _lora_op(x)         s·B(A(x)), the scaling on B (the small factor)
         _check_input(x)     a clear error for an input of the wrong dtype or size
         _plain_module()     an empty plain torch module of the base's kind and settings
         _init_base()        the base's own weight init
@@ -370,10 +370,10 @@ class AdaptedLayer(nn.Module):
         if self.merged:
             self._warn_if_training_merged()
             return self._base_op(x, self.weight, self.bias)
-        lora = self._lora_op(self._adapter_input(x))  # B(A(drop(x)))
+        lora = self._lora_op(self._adapter_input(x))  # s·B(A(drop(x)))
         if not self.use_dora:  # LoRA: y = base(x; W0) + b + s·B(A(drop(x)))
-            return torch.add(self._base_op(x, self.weight, self.bias), lora, alpha=self.scaling)
-        y0 = torch.add(self._base_op(x, self.weight, None), lora, alpha=self.scaling)
+            return self._base_op(x, self.weight, self.bias) + lora
+        y0 = self._base_op(x, self.weight, None) + lora
         A, B = self._lora_views()
         return dora_scale(y0, self._weight_view(self.weight), A, B, self.magnitude, self.scaling,
                           self.bias, self.detach_norm, self.TRAILING_DIMS)

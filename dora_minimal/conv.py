@@ -112,7 +112,7 @@ class _DoRAConvNd(AdaptedLayer):
 
     def _lora_op(self, x):
         after_A = self.CONV(x, self.lora_A, None, self.stride, self.padding, self.dilation)
-        return self.CONV(after_A, self.lora_B)  # the 1×1 convolution B
+        return self.CONV(after_A, self.lora_B * self.scaling)  # the 1×1 convolution s·B
 
     def _check_input_size(self, x, name):
         """(batch, in_channels, *spatial) or (in_channels, *spatial), as the torch convolution."""

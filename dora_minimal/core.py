@@ -32,6 +32,7 @@ differently for a linear layer where that is measurably faster, and is tested eq
 """
 
 import torch
+from torch.nn import functional as F
 
 # The largest block of V' rows formed at once, in elements: 16 MiB in float32.
 NORM_BLOCK_ELEMENTS = 2**22
@@ -106,7 +107,9 @@ def linear_lora_output(x, weight, lora_A, lora_B, scaling, lora_input=None):
     """A linear layer's y0 = x W0^T + s·(x_a A^T) B^T (..., out), x_a = lora_input (dropout(x))
     or x, under autograd: what DoRAFunction scales for DoRALinear and dora_linear."""
     x_a = x if lora_input is None else lora_input
-    return torch.add(x @ weight.T, (x_a @ lora_A.T) @ lora_B.T, alpha=scaling)
+    # s on B, the small factor (not as add's alpha, which torch 2.13's inductor drops from
+    # an add of two matrix products)
+    return F.linear(x, weight) + F.linear(F.linear(x_a, lora_A), lora_B * scaling)
 
 
 # --- the helpers: the row norm in blocks, the zero-row rule, the channel dimension ---------

@@ -95,7 +95,8 @@ class DoRAEmbedding(AdaptedLayer):
         return self._lookup(x, W, self.sparse)  # (..., embedding_dim); an embedding has no bias
 
     def _lora_op(self, x):
-        return self._lookup(x, self.lora_A.T) @ self.lora_B.T  # A^T[x] B^T (..., embedding_dim)
+        # s·A^T[x] B^T (..., embedding_dim)
+        return self._lookup(x, self.lora_A.T) @ (self.lora_B * self.scaling).T
 
     def _check_input(self, x):
         """x: a tensor of integer indices (the embedding's weight dtype does not apply)."""

@@ -120,8 +120,8 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, lora_input=Non
 def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, lora_input=None):
     """lora_linear without the argument checks (for callers that made them)."""
     x_a = x if lora_input is None else lora_input
-    return torch.add(F.linear(x, weight, bias), F.linear(F.linear(x_a, lora_A), lora_B),
-                     alpha=scaling)
+    # s on B, the small factor (as in core.linear_lora_output)
+    return F.linear(x, weight, bias) + F.linear(F.linear(x_a, lora_A), lora_B * scaling)
 
 
 def dora_scale(y0, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach_norm=True,

@@ -72,7 +72,7 @@ class DoRAConv1D(AdaptedLayer):
         return F.linear(x, W.T, b)  # x W + b
 
     def _lora_op(self, x):
-        return F.linear(F.linear(x, self.lora_A), self.lora_B)  # (x A^T) B^T
+        return F.linear(F.linear(x, self.lora_A), self.lora_B * self.scaling)  # s·(x A^T) B^T
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -79,9 +79,6 @@ class DoRALinear(AdaptedLayer):
         return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                          device=self.weight.device, dtype=self.weight.dtype)
 
-    def _lora_op(self, x):
-        return F.linear(F.linear(x, self.lora_A), self.lora_B)  # (x A^T) B^T
-
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x):
