@@ -7,11 +7,13 @@
     pytest tests/test_reference.py --impl=exercises --exercise 1b  # exercise 1 and its optional 1b
     pytest tests/test_reference.py --impl=path/to/my_dora.py       # a file of your own
     pytest tests/test_reference.py tests/test_exercises.py --shipped-exercises   # CI (.ci/run)
+    pytest tests/test_torch_exercises.py --impl=exercises --exercise 12   # exercises 11 and 12
 
 Every test of tests/test_reference.py is marked `@exercise(n, eq)`: it runs once exercises 1..n
 are solved, and it checks the paper's equation `eq`. Both show in its id, `[ex03-Eq5]`. An
 optional step such as "1b" (helpers.OPTIONAL_STEPS) runs only when --exercise names it, and with
-the reference: a learner's other runs skip it, saying how to run it.
+the reference: a learner's other runs skip it, saying how to run it. The PyTorch exercises 11-13
+work the same way; tests/test_torch_exercises.py points its tests at them.
 """
 
 import argparse
@@ -25,7 +27,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from helpers import CHAPTERS, EXERCISES, OPTIONAL_STEPS, natural_row_norm
+from helpers import (CHAPTERS, EXERCISES, OPTIONAL_STEPS, TORCH_CHAPTERS, TORCH_EXERCISES,
+                     natural_row_norm)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,13 +66,15 @@ def implementation(value):
 
 
 def exercise_number(value):
-    """--exercise's value: an integer from 1 to 10, or the name of an optional step ("1b")."""
-    if value.isdigit() and 1 <= int(value) <= len(EXERCISES):
+    """--exercise's value: an integer from 1 to 13 (11-13: the PyTorch exercises), or the name of
+    an optional step ("1b")."""
+    last = len(EXERCISES) + len(TORCH_EXERCISES)
+    if value.isdigit() and 1 <= int(value) <= last:
         return int(value)
     if value in OPTIONAL_STEPS:
         return value
     raise argparse.ArgumentTypeError(
-        f"expected an exercise number from 1 to {len(EXERCISES)} or an optional step "
+        f"expected an exercise number from 1 to {last} or an optional step "
         f"({', '.join(OPTIONAL_STEPS)}), got {value!r}")
 
 
@@ -82,7 +87,8 @@ def pytest_addoption(parser):
     parser.addoption("--impl", type=implementation, default="reference",
                      help="which module tests/test_reference.py checks: 'reference' (the default), "
                           "'exercises' (tutorial/exercises/dora.py) or the path of your own .py "
-                          "file with the same ten functions")
+                          "file with the same ten functions; for tests/test_torch_exercises.py: "
+                          "dora_minimal.core, tutorial/exercises/dora_torch.py or a copy of it")
     parser.addoption("--exercise", type=exercise_number, default=None, metavar="N",
                      help="run only the tests of tests/test_reference.py that exercises 1..N "
                           "make runnable; an optional step (1b) runs those of its exercise "
@@ -243,8 +249,9 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"not solved yet: NotImplementedError: {call.excinfo.value}"
     elif item.config.getoption("--impl") != "reference":
         equation = "" if eq is None else f", the paper's Eq. {eq}"
+        names, chapters = EXERCISES + TORCH_EXERCISES, CHAPTERS + TORCH_CHAPTERS
         name, chapter = (OPTIONAL_STEPS[n] if n in OPTIONAL_STEPS
-                         else (EXERCISES[n - 1], CHAPTERS[n - 1]))
+                         else (names[n - 1], chapters[n - 1]))
         what = "optional step" if n in OPTIONAL_STEPS else "exercise"
         report.sections.append((
             f"{what} {n} ({name}){equation}",

@@ -20,6 +20,11 @@ CHAPTERS = ["01_decompose", "01_decompose", "02_adapt", "03_recombine", "03_reco
 # (--exercise 1b): {step: (the function it improves, its chapter)}. Step 1b makes exercise 1's
 # row_norm safe from overflow and underflow; the other tests never need it.
 OPTIONAL_STEPS = {"1b": ("row_norm", "01_decompose")}
+# Exercises 11-13, of tutorial/exercises/dora_torch.py: the PyTorch core's scale, forward and
+# backward (dora_minimal.core.DoRAFunction), checked by tests/test_torch_exercises.py, taught in
+# chapter 6.
+TORCH_EXERCISES = ["scale_forward", "scale_backward", "norm_path_backward"]
+TORCH_CHAPTERS = ["06_pytorch", "06_pytorch", "06_pytorch"]
 
 
 def natural_row_norm(W):
