@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import test_reference
-from helpers import CHAPTERS, EXERCISES, OPTIONAL_STEPS
+import test_torch_exercises
+from helpers import CHAPTERS, EXERCISES, OPTIONAL_STEPS, TORCH_CHAPTERS, TORCH_EXERCISES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md"] + sorted((ROOT / "tutorial").glob("[0-9]*.md"))
@@ -27,7 +28,8 @@ NOT_YET_PASTEABLE = set()
 NOT_YET_DOCTESTABLE = set()
 EXERCISE_DOCS = [ROOT / "tutorial" / "README.md", ROOT / "tutorial" / "exercises" / "README.md",
                  ROOT / "tutorial" / "exercises" / "HINTS.md",
-                 ROOT / "tutorial" / "exercises" / "dora.py"]
+                 ROOT / "tutorial" / "exercises" / "dora.py",
+                 ROOT / "tutorial" / "exercises" / "dora_torch.py"]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # packages that are no dependency: a block importing one that is not installed is not run, nor are
 # the blocks after it (they may use its names)
@@ -128,10 +130,17 @@ def mentioned_tests(text):
 
 
 def exercise_of_each_test():
-    """{name: exercise} for the tests of tests/test_reference.py."""
+    """{name: exercise} for the tests of the exercises (tests/test_reference.py and
+    tests/test_torch_exercises.py)."""
     return {name: next(m.args[0] for m in f.pytestmark if m.name == "exercise")
-            for name, f in vars(test_reference).items()
-            if name.startswith("test_") and inspect.isfunction(f)}
+            for module in (test_reference, test_torch_exercises)
+            for name, f in vars(module).items()
+            if name.startswith("test_") and inspect.isfunction(f)
+            and any(m.name == "exercise" for m in getattr(f, "pytestmark", []))}
+
+
+# NumPy's exercises 1-10, then PyTorch's 11-13
+ALL_EXERCISES, ALL_CHAPTERS = EXERCISES + TORCH_EXERCISES, CHAPTERS + TORCH_CHAPTERS
 
 
 def matching(pattern, names):
@@ -145,7 +154,7 @@ def test_the_docs_name_tests_that_exist_under_the_exercises_that_make_them_runna
     every_test = {name for test_file in (ROOT / "tests").glob("test_*.py")
                   for name in re.findall(r"^def (test_\w+)", test_file.read_text(), re.MULTILINE)}
     exercise = exercise_of_each_test()
-    taught_here = {n for n, chapter in enumerate(CHAPTERS, 1) if chapter == path.stem}
+    taught_here = {n for n, chapter in enumerate(ALL_CHAPTERS, 1) if chapter == path.stem}
     taught_here |= {step for step, (_, chapter) in OPTIONAL_STEPS.items() if chapter == path.stem}
     for pattern in mentioned_tests(path.read_text()):
         assert matching(pattern, every_test), f"{path.name} names {pattern}, which is no test"
@@ -159,16 +168,16 @@ def test_the_exercise_tables_and_hints_follow_the_exercises():
     rows = re.findall(r"^\| (\d+) \| `(\w+)` \| \[\d+\]\(\.\./(\w+)\.md\)", readme,
                       re.MULTILINE)
     assert rows == [(str(n), name, chapter)
-                    for n, (name, chapter) in enumerate(zip(EXERCISES, CHAPTERS), 1)]
+                    for n, (name, chapter) in enumerate(zip(ALL_EXERCISES, ALL_CHAPTERS), 1)]
     hints = (ROOT / "tutorial" / "exercises" / "HINTS.md").read_text()
     assert re.findall(r"<summary>(\d+)\. (\w+)</summary>", hints) == [
-        (str(n), name) for n, name in enumerate(EXERCISES, 1)]
+        (str(n), name) for n, name in enumerate(ALL_EXERCISES, 1)]
     for step, (name, chapter) in OPTIONAL_STEPS.items():  # optional: a hint, and a table row
         assert f"<summary>{step}. {name} (optional)" in hints, step
         assert re.search(rf"^\| {step} \| `{name}`.*\| \[\d+\]\(\.\./{chapter}\.md\) \|",
                          readme, re.MULTILINE), step
     index = (ROOT / "tutorial" / "README.md").read_text()
-    for n, chapter in enumerate(CHAPTERS, 1):
+    for n, chapter in enumerate(ALL_CHAPTERS, 1):
         row = re.search(rf"^\| \[[^]]*\]\({chapter}\.md\) \|.*\| ([^|]*) \|$", index,
                         re.MULTILINE)
         assert row and str(n) in re.findall(r"\d+", row.group(1)), (chapter, n)
