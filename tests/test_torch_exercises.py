@@ -385,7 +385,6 @@ def test_magnitude_gradient_is_eq7_whatever_the_sign_of_m(dora_torch, layer):
 @given(layers(scales=(-1, 1)))
 def test_scale_backward_is_torch_gradcheck(dora_torch, layer):
     """∂L/∂y0 (Eq. 11), ∂L/∂m (Eq. 7) and ∂L/∂b against finite differences (W0, A and B fixed)."""
-    assume_no_row_nearly_cancels(layer)
     W0, A = layer.views()
     y0 = layer.lora_output().detach().requires_grad_()
     inputs = [y0, layer.m] + ([] if layer.bias is None else [layer.bias])
