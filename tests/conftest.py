@@ -90,9 +90,9 @@ def pytest_addoption(parser):
                           "file with the same ten functions; for tests/test_torch_exercises.py: "
                           "dora_minimal.core, tutorial/exercises/dora_torch.py or a copy of it")
     parser.addoption("--exercise", type=exercise_number, default=None, metavar="N",
-                     help="run only the tests of tests/test_reference.py that exercises 1..N "
-                          "make runnable; an optional step (1b) runs those of its exercise "
-                          "and its own")
+                     help="run only the tests of tests/test_reference.py (and "
+                          "tests/test_torch_exercises.py) that exercises 1..N make runnable; an "
+                          "optional step (1b) runs those of its exercise and its own")
     parser.addoption("--shipped-exercises", action="store_true",
                      help="CI: check tutorial/exercises/dora.py as shipped (unsolved stubs), and "
                           "that each test needs exactly the exercises it is marked with")
