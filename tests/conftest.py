@@ -94,8 +94,9 @@ def pytest_addoption(parser):
                           "tests/test_torch_exercises.py) that exercises 1..N make runnable; an "
                           "optional step (1b) runs those of its exercise and its own")
     parser.addoption("--shipped-exercises", action="store_true",
-                     help="CI: check tutorial/exercises/dora.py as shipped (unsolved stubs), and "
-                          "that each test needs exactly the exercises it is marked with")
+                     help="CI: check tutorial/exercises/dora.py and dora_torch.py as shipped "
+                          "(unsolved stubs), and that each test needs exactly the exercises it "
+                          "is marked with")
 
 
 def pytest_configure(config):
@@ -109,8 +110,9 @@ def pytest_configure(config):
         settings.register_profile("learner", parent=settings(), report_multiple_bugs=False,
                                   phases=[phase for phase in Phase if phase != Phase.explain])
         settings.load_profile("learner")
-    config.addinivalue_line("markers", "shipped_exercises: checks tutorial/exercises/dora.py as "
-                                       "shipped; runs only with --shipped-exercises")
+    config.addinivalue_line("markers", "shipped_exercises: checks tutorial/exercises/dora.py (or "
+                                       "dora_torch.py) as shipped; runs only with "
+                                       "--shipped-exercises")
     if config.getoption("--shipped-exercises"):
         settings.load_profile("shipped")
 
