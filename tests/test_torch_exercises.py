@@ -381,6 +381,21 @@ def test_magnitude_gradient_is_eq7_whatever_the_sign_of_m(dora_torch, layer):
         f"∂L/∂m: relative error {error(grad_m, expected):.2g} against Σ G ⊙ y0 / ‖V'‖_c")
 
 
+@exercise(12, eq=7)
+def test_magnitude_gradient_of_bf16_outputs_is_summed_in_float32(dora_torch):
+    """Σ G ⊙ y0 over 257 tokens of 1s is 257, which bf16 rounds to 256: ∂L/∂m = 257/‖V'‖ needs
+    the sum in float32, as for c (the magnitude itself is float32)."""
+    W0 = torch.zeros(2, 3, dtype=torch.bfloat16)
+    W0[:, 0] = 2.0  # rows of norm 2
+    A, B = torch.ones(1, 3, dtype=torch.bfloat16), torch.zeros(2, 1, dtype=torch.bfloat16)
+    m = torch.tensor([1.0, -1.0], requires_grad=True)
+    y0 = torch.ones(257, 2, dtype=torch.bfloat16)
+    y = dora_torch.DoRAFunction.apply(y0, W0, A, B, m, None, 2.0, True, 0)
+    (grad_m,) = torch.autograd.grad(y, m, torch.ones_like(y))
+    assert grad_m.tolist() == [128.5, 128.5], (
+        f"∂L/∂m = {grad_m.tolist()}, not 257/2: Σ G ⊙ y0 summed in bf16?")
+
+
 @exercise(12, eq=11)
 @given(layers(scales=(-1, 1)))
 def test_scale_backward_is_torch_gradcheck(dora_torch, layer):
