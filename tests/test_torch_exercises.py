@@ -12,7 +12,8 @@ magnitudes of either sign or zero.
 
 With --shipped-exercises (CI), each test runs twice on the shipped stubs: with exercises 11..n
 solved by the core's own forward and backward (below) it must pass, with exercise n a stub it must
-fail.
+fail; and the tests are checked to teach: the exercises as a learner writes them pass, and
+solutions with mistakes learners make fail the tests of their exercise.
 """
 
 import importlib.util
@@ -529,3 +530,143 @@ def test_the_torch_stub_run_fails_every_test_in_one_short_screen_each():
     assert failed == collected - int(counts.group(2) or 0)
     assert run.stdout.count("not solved yet: NotImplementedError: exercise ") == failed
     assert len(run.stdout.splitlines()) <= 3 * failed + 20
+
+
+# --- The graded tests teach (CI: --shipped-exercises) -----------------------------------------
+
+# The three exercises as a learner writes them, following the hints: appended to a copy of the
+# stub file, they replace its stubs (its DoRAFunction looks them up when it runs).
+NATURAL_SOLUTION = '''
+
+def scale_forward(y0, weight, lora_A, lora_B, magnitude, bias, scaling, trailing_dims):
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    c = along_channel(divide_or_zero(magnitude.to(norm.dtype), norm), trailing_dims)
+    y = y0 * c if bias is None else y0 * c + along_channel(bias, trailing_dims)
+    return y.to(y0.dtype)
+
+
+def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    c = divide_or_zero(magnitude.to(norm.dtype), norm)
+    grad_y0 = (grad_y * along_channel(c, trailing_dims)).to(grad_y.dtype)
+    grad_m = divide_or_zero(sum_but_channel(grad_y * y0, trailing_dims, norm.dtype), norm)
+    grad_b = sum_but_channel(grad_y, trailing_dims, norm.dtype).to(grad_y.dtype)
+    return grad_y0, grad_m.to(magnitude.dtype), grad_b
+
+
+def norm_path_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    c = divide_or_zero(magnitude.to(norm.dtype), norm)
+    grad_norm = divide_or_zero(-c * sum_but_channel(grad_y * y0, trailing_dims, norm.dtype), norm)
+    A, B = lora_A.to(norm.dtype), lora_B.to(norm.dtype)
+    unit = divide_or_zero(weight.to(norm.dtype) + scaling * B @ A, norm[:, None])
+    grad_V = grad_norm[:, None] * unit
+    return (scaling * B.T @ grad_V).to(lora_A.dtype), (scaling * grad_V @ A.T).to(lora_B.dtype)
+'''
+
+# Mistakes that learners make, each one function of NATURAL_SOLUTION written wrong:
+# {name: (exercise, source)}. The tests of that exercise must catch each.
+MISTAKES = {
+    "|m| in the scale": (11, '''
+def scale_forward(y0, weight, lora_A, lora_B, magnitude, bias, scaling, trailing_dims):
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    c = along_channel(divide_or_zero(magnitude.abs().to(norm.dtype), norm), trailing_dims)
+    y = y0 * c if bias is None else y0 * c + along_channel(bias, trailing_dims)
+    return y.to(y0.dtype)
+'''),
+    "c rounded to y0's dtype": (11, '''
+def scale_forward(y0, weight, lora_A, lora_B, magnitude, bias, scaling, trailing_dims):
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    c = along_channel(divide_or_zero(magnitude.to(norm.dtype), norm), trailing_dims)
+    c = c.to(y0.dtype)
+    return y0 * c if bias is None else y0 * c + along_channel(bias, trailing_dims)
+'''),
+    "m / norm without the zero-row rule": (11, '''
+def scale_forward(y0, weight, lora_A, lora_B, magnitude, bias, scaling, trailing_dims):
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    c = along_channel(magnitude.to(norm.dtype) / norm, trailing_dims)
+    y = y0 * c if bias is None else y0 * c + along_channel(bias, trailing_dims)
+    return y.to(y0.dtype)
+'''),
+    "dL/dm from W' instead of V'": (12, '''
+_natural_scale_backward = scale_backward
+
+
+def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
+    grad_y0, grad_m, grad_b = _natural_scale_backward(grad_y, y0, weight, lora_A, lora_B,
+                                                      magnitude, scaling, trailing_dims)
+    return grad_y0, grad_m * magnitude.sign(), grad_b  # W'/‖W'‖ = sign(m) V'/‖V'‖
+'''),
+    "dL/dm summed in y0's dtype": (12, '''
+_natural_scale_backward = scale_backward
+
+
+def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
+    grad_y0, _, grad_b = _natural_scale_backward(grad_y, y0, weight, lora_A, lora_B,
+                                                 magnitude, scaling, trailing_dims)
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    sums = sum_but_channel(grad_y * y0, trailing_dims, y0.dtype).to(norm.dtype)
+    return grad_y0, divide_or_zero(sums, norm).to(magnitude.dtype), grad_b
+'''),
+    "dL/dm without the zero-row rule": (12, '''
+_natural_scale_backward = scale_backward
+
+
+def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
+    grad_y0, _, grad_b = _natural_scale_backward(grad_y, y0, weight, lora_A, lora_B,
+                                                 magnitude, scaling, trailing_dims)
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    sums = sum_but_channel(grad_y * y0, trailing_dims, norm.dtype)
+    return grad_y0, (sums / norm).to(magnitude.dtype), grad_b
+'''),
+    "V' / norm without the zero-row rule": (13, '''
+def norm_path_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    c = divide_or_zero(magnitude.to(norm.dtype), norm)
+    grad_norm = divide_or_zero(-c * sum_but_channel(grad_y * y0, trailing_dims, norm.dtype), norm)
+    A, B = lora_A.to(norm.dtype), lora_B.to(norm.dtype)
+    grad_V = grad_norm[:, None] * (weight.to(norm.dtype) + scaling * B @ A) / norm[:, None]
+    return (scaling * B.T @ grad_V).to(lora_A.dtype), (scaling * grad_V @ A.T).to(lora_B.dtype)
+'''),
+    "the norm's path with its sign flipped": (13, '''
+def norm_path_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    c = divide_or_zero(magnitude.to(norm.dtype), norm)
+    grad_norm = divide_or_zero(c * sum_but_channel(grad_y * y0, trailing_dims, norm.dtype), norm)
+    A, B = lora_A.to(norm.dtype), lora_B.to(norm.dtype)
+    grad_V = grad_norm[:, None] * divide_or_zero(weight.to(norm.dtype) + scaling * B @ A,
+                                                 norm[:, None])
+    return (scaling * B.T @ grad_V).to(lora_A.dtype), (scaling * grad_V @ A.T).to(lora_B.dtype)
+'''),
+}
+
+
+def run_on(tmp_path, *sources, options=()):
+    """Run this file's tests on a copy of the stub file with `sources` appended."""
+    solution = tmp_path / "my_dora_torch.py"
+    solution.write_text(STUBS.read_text() + "".join(sources))
+    return subprocess.run([sys.executable, "-m", "pytest", "tests/test_torch_exercises.py",
+                           f"--impl={solution}", "-p", "no:randomly", "-p", "no:cacheprovider",
+                           "-q", "-rf", *options],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@shipped
+def test_a_natural_solution_passes_every_exercise(tmp_path):
+    run = run_on(tmp_path, NATURAL_SOLUTION)
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert re.search(r"\d+ passed, \d+ skipped in", run.stdout), run.stdout[-2000:]
+
+
+@shipped
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_the_tests_of_an_exercise_catch_a_mistake_learners_make(mistake, tmp_path):
+    """A solution with this mistake fails the tests of its exercise, and the failure names the
+    exercise, its chapter and its hint."""
+    number, source = MISTAKES[mistake]
+    run = run_on(tmp_path, NATURAL_SOLUTION, "\n" + source, options=("-k", f"ex{number:02d}"))
+    assert run.returncode == 1, run.stdout[-2000:]
+    assert re.findall(r"^FAILED tests/test_torch_exercises.py::(\w+)\[", run.stdout,
+                      re.MULTILINE), run.stdout[-2000:]
+    assert f"exercise {number} ({TORCH_EXERCISES[number - FIRST]})" in run.stdout
+    assert f"read tutorial/06_pytorch.md; stuck? hint {number} in" in run.stdout
