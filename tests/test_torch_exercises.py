@@ -397,6 +397,21 @@ def test_magnitude_gradient_of_bf16_outputs_is_summed_in_float32(dora_torch):
         f"∂L/∂m = {grad_m.tolist()}, not 257/2: Σ G ⊙ y0 summed in bf16?")
 
 
+@exercise(12, eq=7)
+def test_magnitude_gradient_of_fp16_outputs_takes_the_products_in_float32(dora_torch):
+    """G ⊙ y0 = 300 · 300 = 90000 is past fp16's largest number, 65504: the products of Σ G ⊙ y0
+    are taken in float32 too, and ∂L/∂m = 90000/‖V'‖ is finite."""
+    W0 = torch.zeros(2, 3, dtype=torch.float16)
+    W0[:, 0] = 2.0  # rows of norm 2
+    A, B = torch.ones(1, 3, dtype=torch.float16), torch.zeros(2, 1, dtype=torch.float16)
+    m = torch.tensor([1.0, -1.0], requires_grad=True)
+    y0 = torch.full((1, 2), 300.0, dtype=torch.float16)
+    y = dora_torch.DoRAFunction.apply(y0, W0, A, B, m, None, 2.0, True, 0)
+    (grad_m,) = torch.autograd.grad(y, m, torch.full_like(y, 300.0))
+    assert grad_m.tolist() == [45000.0, 45000.0], (
+        f"∂L/∂m = {grad_m.tolist()}, not 90000/2: G ⊙ y0 multiplied in fp16?")
+
+
 @exercise(12, eq=11)
 @given(layers(scales=(-1, 1)))
 def test_scale_backward_is_torch_gradcheck(dora_torch, layer):
@@ -549,7 +564,8 @@ def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trail
     norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
     c = divide_or_zero(magnitude.to(norm.dtype), norm)
     grad_y0 = (grad_y * along_channel(c, trailing_dims)).to(grad_y.dtype)
-    grad_m = divide_or_zero(sum_but_channel(grad_y * y0, trailing_dims, norm.dtype), norm)
+    products = grad_y.to(norm.dtype) * y0  # G ⊙ y0, in float32 for bf16 or fp16
+    grad_m = divide_or_zero(sum_but_channel(products, trailing_dims, norm.dtype), norm)
     grad_b = sum_but_channel(grad_y, trailing_dims, norm.dtype).to(grad_y.dtype)
     return grad_y0, grad_m.to(magnitude.dtype), grad_b
 
@@ -557,7 +573,8 @@ def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trail
 def norm_path_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
     norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
     c = divide_or_zero(magnitude.to(norm.dtype), norm)
-    grad_norm = divide_or_zero(-c * sum_but_channel(grad_y * y0, trailing_dims, norm.dtype), norm)
+    products = grad_y.to(norm.dtype) * y0
+    grad_norm = divide_or_zero(-c * sum_but_channel(products, trailing_dims, norm.dtype), norm)
     A, B = lora_A.to(norm.dtype), lora_B.to(norm.dtype)
     unit = divide_or_zero(weight.to(norm.dtype) + scaling * B @ A, norm[:, None])
     grad_V = grad_norm[:, None] * unit
@@ -605,7 +622,18 @@ def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trail
     grad_y0, _, grad_b = _natural_scale_backward(grad_y, y0, weight, lora_A, lora_B,
                                                  magnitude, scaling, trailing_dims)
     norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
-    sums = sum_but_channel(grad_y * y0, trailing_dims, y0.dtype).to(norm.dtype)
+    sums = sum_but_channel(grad_y.to(norm.dtype) * y0, trailing_dims, y0.dtype).to(norm.dtype)
+    return grad_y0, divide_or_zero(sums, norm).to(magnitude.dtype), grad_b
+'''),
+    "G ⊙ y0 multiplied in y0's dtype": (12, '''
+_natural_scale_backward = scale_backward
+
+
+def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
+    grad_y0, _, grad_b = _natural_scale_backward(grad_y, y0, weight, lora_A, lora_B,
+                                                 magnitude, scaling, trailing_dims)
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    sums = sum_but_channel(grad_y * y0, trailing_dims, norm.dtype)
     return grad_y0, divide_or_zero(sums, norm).to(magnitude.dtype), grad_b
 '''),
     "dL/dm without the zero-row rule": (12, '''
@@ -616,14 +644,15 @@ def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trail
     grad_y0, _, grad_b = _natural_scale_backward(grad_y, y0, weight, lora_A, lora_B,
                                                  magnitude, scaling, trailing_dims)
     norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
-    sums = sum_but_channel(grad_y * y0, trailing_dims, norm.dtype)
+    sums = sum_but_channel(grad_y.to(norm.dtype) * y0, trailing_dims, norm.dtype)
     return grad_y0, (sums / norm).to(magnitude.dtype), grad_b
 '''),
     "V' / norm without the zero-row rule": (13, '''
 def norm_path_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
     norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
     c = divide_or_zero(magnitude.to(norm.dtype), norm)
-    grad_norm = divide_or_zero(-c * sum_but_channel(grad_y * y0, trailing_dims, norm.dtype), norm)
+    products = grad_y.to(norm.dtype) * y0
+    grad_norm = divide_or_zero(-c * sum_but_channel(products, trailing_dims, norm.dtype), norm)
     A, B = lora_A.to(norm.dtype), lora_B.to(norm.dtype)
     grad_V = grad_norm[:, None] * (weight.to(norm.dtype) + scaling * B @ A) / norm[:, None]
     return (scaling * B.T @ grad_V).to(lora_A.dtype), (scaling * grad_V @ A.T).to(lora_B.dtype)
@@ -632,7 +661,8 @@ def norm_path_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, t
 def norm_path_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
     norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
     c = divide_or_zero(magnitude.to(norm.dtype), norm)
-    grad_norm = divide_or_zero(c * sum_but_channel(grad_y * y0, trailing_dims, norm.dtype), norm)
+    products = grad_y.to(norm.dtype) * y0
+    grad_norm = divide_or_zero(c * sum_but_channel(products, trailing_dims, norm.dtype), norm)
     A, B = lora_A.to(norm.dtype), lora_B.to(norm.dtype)
     grad_V = grad_norm[:, None] * divide_or_zero(weight.to(norm.dtype) + scaling * B @ A,
                                                  norm[:, None])

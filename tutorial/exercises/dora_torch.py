@@ -41,9 +41,9 @@ def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trail
     """Exercise 12 (Eq. 7 and 11). Return (∂L/∂y0, ∂L/∂m, ∂L/∂b), shaped as y0, m and (out,).
 
     ∂L/∂y0 = c ⊙ G (Eq. 11), ∂L/∂m = Σ G ⊙ y0 / ‖V'‖_c (Eq. 7), ∂L/∂b = Σ G, with G = grad_y and
-    Σ over every dim but the channel's. A zero row of V' gets ∂L/∂y0 = 0 and ∂L/∂m = 0. Sum in
-    the dtype of adapted_row_norm's result (float32 for bf16), and give each gradient back in
-    the dtype of what it is the gradient of.
+    Σ over every dim but the channel's. A zero row of V' gets ∂L/∂y0 = 0 and ∂L/∂m = 0. Take
+    the products G ⊙ y0 and the sums in the dtype of adapted_row_norm's result (float32 for bf16
+    or fp16), and give each gradient back in the dtype of what it is the gradient of.
     """
     raise NotImplementedError("exercise 12: scale_backward")
 
