@@ -79,12 +79,12 @@ class DoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         y0, weight, lora_A, lora_B, magnitude = ctx.saved_tensors
-        needs = ctx.needs_input_grad
+        needs_y0, _, needs_A, needs_B, needs_m, needs_bias = ctx.needs_input_grad[:6]
         arguments = (grad_y, y0, weight, lora_A, lora_B, magnitude, ctx.scaling, ctx.trailing_dims)
         grad_y0, grad_m, grad_bias = scale_backward(*arguments)  # both modes
         grad_A = grad_B = None  # Eq. 11 (detach_norm): the norm is a constant
-        if not ctx.detach_norm and (needs[2] or needs[3]):  # Eq. 6: the norm's path too
+        if not ctx.detach_norm and (needs_A or needs_B):  # Eq. 6: the norm's path too
             grad_A, grad_B = norm_path_backward(*arguments)
-        return (grad_y0 if needs[0] else None, None, grad_A if needs[2] else None,
-                grad_B if needs[3] else None, grad_m if needs[4] else None,
-                grad_bias if needs[5] else None, None, None, None)
+        return (grad_y0 if needs_y0 else None, None, grad_A if needs_A else None,
+                grad_B if needs_B else None, grad_m if needs_m else None,
+                grad_bias if needs_bias else None, None, None, None)
