@@ -103,13 +103,16 @@ def dora_scale_unchecked(y0, weight, lora_A, lora_B, magnitude, bias, scaling, d
                               trailing_dims)
 
 
-def linear_lora_output(x, weight, lora_A, lora_B, scaling, lora_input=None):
-    """A linear layer's y0 = x W0^T + s·(x_a A^T) B^T (..., out), x_a = lora_input (dropout(x))
-    or x, under autograd: what DoRAFunction scales for DoRALinear and dora_linear."""
-    x_a = x if lora_input is None else lora_input
-    # s on B, the small factor (not as add's alpha, which torch 2.13's inductor drops from
-    # an add of two matrix products)
-    return F.linear(x, weight) + F.linear(F.linear(x_a, lora_A), lora_B * scaling)
+def linear_lora_output(x, weight, lora_A, lora_B, scaling, lora_input=None, bias=None):
+    """A linear layer's y0 = x W0^T + s·(x_a A^T) B^T (+ b) (..., out), x_a = lora_input
+    (dropout(x)) or x, under autograd: what DoRAFunction scales for DoRALinear and dora_linear
+    (without b), and LoRA's output (with b)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+    xa2 = x2 if lora_input is None else lora_input.reshape(-1, x.shape[-1])  # (T, in)
+    # the low-rank product adds onto the base one inside addmm: no pass over (T, out) of its
+    # own (and not torch.add(..., alpha=s) of two products: torch 2.13's inductor drops that s)
+    y0 = torch.addmm(F.linear(x2, weight, bias), F.linear(xa2, lora_A), lora_B.T, alpha=scaling)
+    return y0 if x.dim() == 2 else y0.reshape(*x.shape[:-1], weight.shape[0])
 
 
 # --- the helpers: the row norm in blocks, the zero-row rule, the channel dimension ---------

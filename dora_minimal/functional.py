@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from .checks import check_array, check_bool, check_dora_arguments, check_positive
-from .core import dora_scale_unchecked
+from .core import dora_scale_unchecked, linear_lora_output
 from .routes import choose_route, dora_linear_route
 
 
@@ -119,9 +119,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, lora_input=Non
 
 def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, lora_input=None):
     """lora_linear without the argument checks (for callers that made them)."""
-    x_a = x if lora_input is None else lora_input
-    # s on B, the small factor (as in core.linear_lora_output)
-    return F.linear(x, weight, bias) + F.linear(F.linear(x_a, lora_A), lora_B * scaling)
+    return linear_lora_output(x, weight, lora_A, lora_B, scaling, lora_input, bias)
 
 
 def dora_scale(y0, weight, lora_A, lora_B, magnitude, scaling, bias=None, detach_norm=True,
