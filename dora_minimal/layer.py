@@ -20,8 +20,8 @@ from torch.nn import functional as F
 
 from .base import AdaptedLayer
 from .checks import check_positive_int
-from .functional import autocast_dtype, dora_linear, lora_forward, lora_linear
-from .routes import choose_route, dora_linear_route
+from .functional import (autocast_dtype, dora_linear, dora_linear_checked, lora_forward,
+                         lora_linear)
 
 
 class DoRALinear(AdaptedLayer):
@@ -99,8 +99,7 @@ class DoRALinear(AdaptedLayer):
             return dora_linear(x, W, A, B, m, s, bias, self.detach_norm, lora_input=x_a)
         if not self.use_dora:
             return lora_forward(x, W, A, B, s, bias, x_a)
-        route = choose_route(x, x_a, W, torch.is_grad_enabled())  # dora_minimal.routes
-        return dora_linear_route(route, x, x_a, W, A, B, m, bias, s, self.detach_norm)
+        return dora_linear_checked(x, x_a, W, A, B, m, bias, s, self.detach_norm)
 
     def _well_formed(self, x, W, A, B, m, bias):
         """A quick yes for the usual call (x and the parameters as the layer made them); for

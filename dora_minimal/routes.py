@@ -132,7 +132,7 @@ def new_linear(x, W, bias):
 
 def merged_weight(weight, lora_A, lora_B, magnitude, scaling):
     """W' = (m / ‖V'‖_c) ⊙ V' (out, in) in W0's dtype, a block of rows at a time in the
-    accumulation dtype, each entry rounded once. Without gradients (eval, merge copies)."""
+    accumulation dtype, each entry rounded once. Without gradients (the eval route)."""
     blocks = []
     for rows in row_blocks(*weight.shape):
         V = adapted_rows(weight, lora_A, lora_B, scaling, rows)  # (rows, in)
@@ -149,9 +149,8 @@ def core_gradients(ctx, grad_y, inputs, needs):
     once more under autograd, so that they are differentiable and batchable as the core's are."""
     x, x_a, weight, lora_A, lora_B, magnitude, bias = inputs
     with torch.enable_grad():
-        y0 = linear_lora_output(x, weight, lora_A, lora_B, ctx.scaling, x_a)
-        y = dora_scale_unchecked(y0, weight, lora_A, lora_B, magnitude, bias, ctx.scaling,
-                                 ctx.detach_norm)
+        y = dora_linear_route("core", x, x_a, weight, lora_A, lora_B, magnitude, bias,
+                              ctx.scaling, ctx.detach_norm)
     wanted = [i for i, t in enumerate(inputs) if t is not None and needs[i]]
     grads = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, allow_unused=True,
                                 create_graph=torch.is_grad_enabled())
