@@ -9,6 +9,7 @@
     conv, embedding, gpt2_conv1d   DoRAConv1d/2d/3d, DoRAEmbedding, DoRAConv1D (transformers')
     adapters     LoraConfig, inject_adapters (get_peft_model), merge_adapters, reset_magnitude
     saving       adapter state dicts, PEFT's keys, save_pretrained / from_pretrained
+    disable      disable_adapter: the base model's outputs for a block, nothing copied
     analysis     the paper's magnitude/direction analysis (ΔM, ΔD)
 
 Importing the package imports nothing else: each name below is imported from its module when it
@@ -31,6 +32,7 @@ _NAMES = {
     "LoraConfig": "adapters", "inject_adapters": "adapters", "get_peft_model": "adapters",
     "merge_adapters": "adapters", "merge_and_unload": "adapters", "adapter_layers": "adapters",
     "reset_magnitude": "adapters", "trainable_parameters": "adapters",
+    "disable_adapter": "disable",
     "print_trainable_parameters": "adapters",
     "adapter_state_dict": "saving", "load_adapter_state_dict": "saving",
     "to_peft_state_dict": "saving", "from_peft_state_dict": "saving",

@@ -68,6 +68,7 @@ class AdaptedLayer(nn.Module):
     WEIGHT_STORED_TRANSPOSED = False  # an embedding's table and GPT-2's Conv1D are (in', out)
     PEFT_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
                  "magnitude": "lora_magnitude_vector"}
+    _adapter_off = 0  # how many disable_adapter blocks hold this layer (dora_minimal.disable)
 
     def __init__(self, r, lora_alpha, lora_dropout, use_dora, detach_norm, bias, dtype):
         super().__init__()
@@ -330,7 +331,25 @@ class AdaptedLayer(nn.Module):
             self._merged_norm = self._merged_norm.to(self.weight.device)
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    # --- loading: all or nothing, per layer --------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """load_state_dict, all or nothing for this layer: the keys of it that the state dict
+        holds are checked before anything is written (each tensor's type and shape as torch
+        checks them, the extra state, a weight and a merged flag that belong together), and if
+        one fails the layer keeps every tensor and flag as it was. A bad extra state or flag
+        raises ValueError at once; a bad tensor is torch's error, raised by load_state_dict once
+        it has walked the whole model. (torch passes strict=True to every module and decides at
+        the end: keys missing from the state dict are not loaded, the others are, in every
+        module, before strict's error.)"""
+        own = {name: t for name, t in self._parameters.items() if t is not None}
+        problems = self._load_problems(state_dict, prefix, own, local_metadata)
+        if problems:
+            error_msgs.extend(problems)
+            missing_keys.extend(prefix + name for name in own if prefix + name not in state_dict)
+            return
+        merged_state = self._merged_state_to_load(state_dict, prefix)  # ValueError: unchanged
         if (self.magnitude is not None and prefix + "weight" in state_dict
                 and prefix + "magnitude" not in state_dict):
             warnings.warn(f"{type(self).__name__}: a new weight was loaded without a magnitude, "
@@ -338,14 +357,71 @@ class AdaptedLayer(nn.Module):
                           "loading pretrained weights into an adapted model, call "
                           "dora_minimal.reset_magnitude(model) (or layer.reset_magnitude())",
                           stacklevel=3)
-        local_metadata, strict, missing_keys, *rest = args
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      *rest, **kwargs)
+                                      unexpected_keys, error_msgs)
         if prefix + "_extra_state" in missing_keys:  # a state dict without it: not merged
             missing_keys.remove(prefix + "_extra_state")
+        self.merged, self._merged_norm, self._merged_adapter = merged_state
+        if self._merged_norm is not None:
+            self._merged_norm = self._merged_norm.to(self.weight.device)
         magnitude, acc = self.magnitude, accumulation_dtype(self.weight.dtype)
         if magnitude is not None and magnitude.dtype != acc:  # assign=True took a bf16 one
             magnitude.data = magnitude.data.to(acc)
+
+    def _load_problems(self, state_dict, prefix, own, local_metadata):
+        """What torch's loading would fail on after writing other tensors: a value that is not a
+        tensor, a shape mismatch, a sparse or a meta tensor copied into real storage."""
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        problems = []
+        for name, current in own.items():
+            if prefix + name not in state_dict:
+                continue
+            key, value = prefix + name, state_dict[prefix + name]
+            if not torch.overrides.is_tensor_like(value):
+                problems.append(f"{key}: expected a tensor, got {type(value).__name__}")
+            elif value.shape != current.shape:
+                problems.append(f"size mismatch for {key}: copying a param with shape "
+                                f"{tuple(value.shape)} from checkpoint, the shape in current "
+                                f"model is {tuple(current.shape)}.")
+            elif value.layout != torch.strided:
+                problems.append(f"{key}: expected a dense tensor, got {value.layout}")
+            elif value.is_meta and not current.is_meta and not assign:
+                problems.append(f"{key}: a meta tensor holds no values to copy; load it with "
+                                f"assign=True, or load real tensors")
+        if problems:
+            where = f" at {prefix[:-1]!r}" if prefix else ""
+            problems[-1] += (f" ({type(self).__name__}{where}: none of its tensors was loaded, "
+                             f"it is as it was)")
+        return problems
+
+    def _merged_state_to_load(self, state_dict, prefix):
+        """(merged, ‖V'‖_c or None, the merge snapshot) that loading `state_dict` leaves: that of
+        its extra state, or unmerged without one; a ValueError, nothing changed, where the state
+        dict would leave a weight and a merged flag that do not belong together."""
+        key = prefix + "_extra_state"
+        merged, norm = (self._parse_extra_state(state_dict[key]) if key in state_dict
+                        else (False, None))
+        name = type(self).__name__
+        if prefix + "weight" in state_dict:
+            absent = [n for n in ("lora_A", "lora_B", "magnitude")
+                      if getattr(self, n) is not None and prefix + n not in state_dict]
+            if merged and absent:
+                raise ValueError(f"{name}: a merged state (_extra_state [1, ...]) needs the "
+                                 f"adapter it was merged with, to unmerge; the state dict has "
+                                 f"the merged weight but not {[prefix + n for n in absent]}")
+            return merged, norm, None
+        # no weight: the layer keeps its own, and so must keep the state it is in
+        same = merged == self.merged and (norm is None) == (self._merged_norm is None) and (
+            norm is None or torch.equal(norm.to(self._merged_norm), self._merged_norm))
+        if not same:
+            held = "its merged weight W′" if self.merged else "its weight W0 (unmerged)"
+            says = ("other norms ‖V′‖_c" if merged == self.merged else
+                    "a merged state" if merged else "an unmerged state (no _extra_state, or [0])")
+            raise ValueError(f"{name}: the state dict has no {prefix}weight, so the layer would "
+                             f"keep {held}, but it holds {says}: load the weight that belongs "
+                             f"to that state with it, or {'unmerge' if self.merged else 'merge'}"
+                             f"() first; nothing was loaded")
+        return self.merged, self._merged_norm, self._merged_adapter
 
     # --- forward (DoRALinear has its own, fused) ----------------------------------------------
 
@@ -367,6 +443,8 @@ class AdaptedLayer(nn.Module):
         """y = c ⊙ (base(x; W0) + s·B(A(drop(x)))) + b with c = m / ‖V'‖_c (DoRA), or the
         LoRA output base(x; W0) + s·B(A(drop(x))) + b. Merged: base(x; W') + b."""
         self._check_input(x)
+        if self._adapter_off:
+            return self._base_forward(x)
         if self.merged:
             self._warn_if_training_merged()
             return self._base_op(x, self.weight, self.bias)
@@ -377,6 +455,14 @@ class AdaptedLayer(nn.Module):
         A, B = self._lora_views()
         return dora_scale(y0, self._weight_view(self.weight), A, B, self.magnitude, self.scaling,
                           self.bias, self.detach_norm, self.TRAILING_DIMS)
+
+    def _base_forward(self, x):
+        """The base layer's own output base(x; W0) + b, the adapter left out: inside
+        dora_minimal.disable_adapter (which refuses merged layers; this is the last guard)."""
+        if self.merged:
+            raise ValueError(f"{type(self).__name__}: the layer is merged, so its weight holds "
+                             f"W′ and not the base's W0: unmerge() it to switch its adapter off")
+        return self._base_op(x, self.weight, self.bias)
 
     def _check_input(self, x):
         """x: a dense tensor of the layer's dtype (any floating dtype under autocast) and input
@@ -417,6 +503,9 @@ class AdaptedLayer(nn.Module):
         it."""
         if self.merged:
             raise ValueError("merge(): the layer is already merged; call unmerge() first")
+        if self._adapter_off:
+            raise ValueError("merge(): the adapter is switched off (inside disable_adapter); "
+                             "merge after the block")
         if parametrize.is_parametrized(self, "weight"):
             raise ValueError(f"merge(): the weight is parametrized (torch.nn.utils.parametrize), "
                              f"so W' cannot be written into it; use {self._to_plain_name} for "
@@ -477,21 +566,47 @@ class AdaptedLayer(nn.Module):
         return torch.cat([flag, self._merged_norm.to(flag.device)])  # (1 + out,)
 
     def set_extra_state(self, state):
-        if isinstance(state, dict):  # as saved by earlier versions
-            merged, norm = bool(state["merged"]), state["merged_norm"]
-        else:
-            flag = (state[0].item() if isinstance(state, torch.Tensor) and state.dim() == 1
-                    and len(state) > 0 else None)
-            merged = flag == 1
-            length = 1 + self._weight_view(self.weight).shape[0] if merged and self.use_dora else 1
-            if flag not in (0, 1) or len(state) != length:
-                raise ValueError(f"{type(self).__name__}: _extra_state expected a tensor [0] "
-                                 f"(unmerged) or [1{', ‖V′‖_c...' if self.use_dora else ''}] "
-                                 f"(merged, {length} values), got {state!r:.80}")
-            norm = state[1:].double() if merged and self.use_dora else None
+        """The merged state from get_extra_state()'s tensor (or an earlier version's dict); a
+        ValueError, the layer unchanged, for anything else."""
+        merged, norm = self._parse_extra_state(state)
         self._merged_adapter = None  # (what a merged state was merged with is not saved)
         self.merged = merged
         self._merged_norm = None if norm is None else norm.to(self.weight.device)
+
+    def _parse_extra_state(self, state):
+        """(merged, ‖V'‖_c (out,) float64 or None) from a saved extra state, checked: a merged
+        DoRA state needs its `out` norms, finite and >= 0, since unmerge() divides by them."""
+        name, out = type(self).__name__, self._weight_view(self.weight).shape[0]
+        if isinstance(state, dict):  # as saved by earlier versions
+            merged, norm = state.get("merged"), state.get("merged_norm")
+            wants_norm = merged is True and self.use_dora
+            if (set(state) != {"merged", "merged_norm"} or not isinstance(merged, bool)
+                    or (norm is not None) != wants_norm
+                    or (wants_norm and not (isinstance(norm, torch.Tensor)
+                                            and norm.shape == (out,)))):
+                wanted = (f"a tensor of the {out} norms ‖V′‖_c if merged, else None"
+                          if self.use_dora else "None")
+                raise ValueError(f"{name}: _extra_state as a dict expected {{'merged': True or "
+                                 f"False, 'merged_norm': {wanted}}}, got {_short(state)}")
+            norm = None if norm is None else norm.double()
+        else:
+            flag = (state[0].item() if isinstance(state, torch.Tensor) and state.dim() == 1
+                    and len(state) > 0 and not state.is_meta else None)
+            merged = flag == 1
+            length = 1 + out if merged and self.use_dora else 1
+            if flag not in (0, 1) or len(state) != length:
+                raise ValueError(f"{name}: _extra_state expected a tensor [0] "
+                                 f"(unmerged) or [1{', ‖V′‖_c...' if self.use_dora else ''}] "
+                                 f"(merged, {length} values), got {_short(state)}")
+            norm = state[1:].double() if merged and self.use_dora else None
+        if norm is not None and not bool(torch.isfinite(norm).all() and (norm >= 0).all()):
+            raise ValueError(f"{name}: _extra_state: the norms ‖V′‖_c of a merged state must be "
+                             f"finite and >= 0, got {_short(norm)}")
+        return merged, norm
+
+
+def _short(value):
+    return f"{value!r:.80}"
 
 
 def _check_finite(what, W, dtype):

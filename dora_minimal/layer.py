@@ -89,6 +89,8 @@ class DoRALinear(AdaptedLayer):
         quick = autocast_dtype(x) is None and self._well_formed(x, W, A, B, m, bias)
         if not quick:
             self._check_input(x)  # names the layer; the functional forms check the rest
+        if self._adapter_off:  # inside dora_minimal.disable_adapter
+            return self._base_forward(x)
         if self.merged:
             self._warn_if_training_merged()
             return F.linear(x, W, bias)
