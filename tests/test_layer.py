@@ -283,3 +283,144 @@ def test_train_eval_switching_changes_nothing():
         with torch.no_grad():
             outputs.append(layer(x))
     assert all(rel_error(o.numpy(), outputs[0].numpy()) < 1e-14 for o in outputs)
+
+
+# --- load_state_dict: all or nothing, per layer ------------------------------------------------
+
+def layer_state(layer):
+    """Every tensor and flag of a layer, copied: what a failed load must leave as it was."""
+    tensors = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    norm = layer._merged_norm
+    return tensors, layer.merged, None if norm is None else norm.clone(), layer._merged_adapter
+
+
+def assert_unchanged(layer, before):
+    tensors, merged, norm, snapshot = layer_state(layer)
+    assert tensors.keys() == before[0].keys()
+    assert all(torch.equal(tensors[n], before[0][n]) for n in tensors), "a tensor was written"
+    assert merged == before[1] and (norm is None) == (before[2] is None)
+    assert norm is None or torch.equal(norm, before[2])
+    assert snapshot is before[3]
+
+
+def merged_pair(use_dora=True, kind="linear"):
+    """(a merged layer, another trained layer of its shape, an input); the merged layer's W0
+    is kept as layer.W0_before_merge."""
+    if kind == "linear":
+        layer, other = trained_layer(use_dora=use_dora), trained_layer(use_dora=use_dora, seed=5)
+        x = torch.randn(4, 6, dtype=torch.float64)
+    else:
+        from test_layer_kinds import make
+        _, layer, x = make(kind, use_dora=use_dora)
+        _, other, _ = make(kind, use_dora=use_dora, seed=5)
+    layer.W0_before_merge = layer.weight.detach().clone()
+    layer.merge()
+    return layer, other, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
+@pytest.mark.parametrize("use_dora", [True, False])
+@pytest.mark.parametrize("assign", [False, True])
+@torch.no_grad()
+def test_a_malformed_extra_state_into_a_merged_layer_changes_nothing(use_dora, kind, assign):
+    layer, other, x = merged_pair(use_dora, kind)
+    y, before = layer(x), layer_state(layer)
+    for extra in (torch.tensor([0.0, 1.0]), torch.tensor([1.0, float("nan")] + [1.0] * 99),
+                  {"merged": True, "merged_norm": None} if use_dora else {"merged": 1}):
+        with pytest.raises(ValueError, match="_extra_state"):
+            layer.load_state_dict({**other.state_dict(), "_extra_state": extra}, assign=assign)
+        assert_unchanged(layer, before)
+        assert torch.equal(layer(x), y)
+    layer.unmerge()  # still the merged state it was: unmerge() restores W0
+    assert rel_error(layer.weight, layer.W0_before_merge) < 1e-13
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding", "gpt2_conv1d"])
+@pytest.mark.parametrize("use_dora", [True, False])
+@torch.no_grad()
+def test_a_state_dict_without_extra_state_into_a_merged_layer_loads_an_unmerged_layer(
+        use_dora, kind):
+    layer, other, x = merged_pair(use_dora, kind)
+    state = {k: v for k, v in other.state_dict().items() if k != "_extra_state"}
+    layer.load_state_dict(state)  # strict: a state dict without extra state is an unmerged one
+    assert not layer.merged and layer._merged_norm is None
+    assert torch.equal(layer(x), other(x))
+    with pytest.raises(ValueError, match="not merged"):
+        layer.unmerge()
+    layer.merge()  # and merges as the loaded adapter
+    assert torch.equal(layer.weight, other.to_base().weight)
+
+
+@torch.no_grad()
+def test_the_old_dict_extra_state_loads_when_complete_and_is_refused_when_not():
+    layer, other, x = merged_pair()
+    source = copy.deepcopy(other)
+    source.merge()
+    norm = source._merged_norm
+    state = {**source.state_dict(), "_extra_state": {"merged": True, "merged_norm": norm}}
+    layer.load_state_dict(state)  # as earlier versions saved it
+    assert layer.merged and torch.equal(layer(x), source(x))
+    layer.unmerge()
+    assert rel_error(layer.weight, other.weight) < 1e-13
+    assert rel_error(layer(x), other(x)) < 1e-13
+    layer.merge()  # a merged DoRA layer without its norms could not unmerge: refused at load
+    before = layer_state(layer)
+    with pytest.raises(ValueError, match=r"'merged_norm': a tensor of the 5 norms"):
+        layer.load_state_dict({**state, "_extra_state": {"merged": True, "merged_norm": None}})
+    assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@torch.no_grad()
+def test_a_shape_mismatch_in_one_tensor_writes_none_of_the_layer(assign):
+    layer, other, x = merged_pair()
+    y, before = layer(x), layer_state(layer)
+    state = {**other.state_dict(), "lora_B": torch.zeros(5, 4, dtype=torch.float64)}
+    with pytest.raises(RuntimeError, match=r"size mismatch for lora_B.*none of its tensors"):
+        layer.load_state_dict(state, assign=assign)
+    assert_unchanged(layer, before)
+    assert torch.equal(layer(x), y)
+    with pytest.raises(RuntimeError, match=r"weight: expected a tensor, got str"):
+        layer.load_state_dict({**other.state_dict(), "weight": "W0"})
+    assert_unchanged(layer, before)
+
+
+@torch.no_grad()
+def test_without_the_weight_the_merged_flag_cannot_change():
+    layer, other, x = merged_pair()
+    before = layer_state(layer)
+    adapter_only = {k: other.state_dict()[k] for k in ("lora_A", "lora_B", "magnitude")}
+    with pytest.raises(ValueError, match=r"no weight, so the layer would keep its merged weight"):
+        layer.load_state_dict(adapter_only, strict=False)  # W' would be taken for W0
+    assert_unchanged(layer, before)
+    with pytest.raises(ValueError, match=r"holds a merged state"):  # W0 taken for W'
+        other.load_state_dict({"_extra_state": layer.get_extra_state()}, strict=False)
+    with pytest.raises(ValueError, match=r"needs the adapter it was merged with"):
+        other.load_state_dict({"weight": layer.weight, "_extra_state": layer.get_extra_state()},
+                              strict=False)
+    # the same merged state without the weight: the layer keeps what it has, unmerge() included
+    layer.load_state_dict({"bias": layer.bias + 0, "_extra_state": layer.get_extra_state()},
+                          strict=False)
+    assert_unchanged(layer, before)
+    layer.unmerge()
+    layer.load_state_dict(adapter_only, strict=False)  # unmerged into unmerged: loads
+    assert all(torch.equal(getattr(layer, k), v) for k, v in adapter_only.items())
+
+
+@torch.no_grad()
+def test_in_a_whole_model_a_failing_layer_keeps_its_state_and_torch_loads_the_others():
+    model = nn.Sequential(trained_layer(), nn.Tanh(), trained_layer(seed=1, in_features=5))
+    source = nn.Sequential(trained_layer(seed=2), nn.Tanh(),
+                           trained_layer(seed=3, in_features=5))
+    model[2].merge()
+    before = layer_state(model[2])
+    with pytest.raises(ValueError, match="_extra_state"):  # raised at once: the walk stops
+        model.load_state_dict({**source.state_dict(), "2._extra_state": torch.tensor([0., 1.])})
+    assert torch.equal(model[0].lora_B, source[0].lora_B)  # loaded before the bad layer
+    assert_unchanged(model[2], before)
+    state = {**source.state_dict(), "0.lora_A": torch.zeros(1)}
+    before = layer_state(model[0])
+    with pytest.raises(RuntimeError, match=r"size mismatch for 0.lora_A"):  # at the end
+        model.load_state_dict(state)
+    assert_unchanged(model[0], before)
+    assert not model[2].merged and torch.equal(model[2].lora_B, source[2].lora_B)
