@@ -7,7 +7,8 @@ base(x; W0) + b: the same function nn.Linear (nn.Conv2d, nn.Embedding, Conv1D) c
 outputs are the base model's bit for bit, in train mode and with dropout too (the adapter's
 dropout is not run). Gradients flow only to what the base uses (x, and W0 or b if they require
 it): lora_A, lora_B and the magnitude get none. Nothing is copied or written: a counter per layer
-is raised on entry and lowered on exit, also when the block raises, so blocks nest.
+is raised on entry and lowered on exit, also when the block raises, so blocks nest. (A copy made
+inside the block, by copy.deepcopy or pickle, copies the counter: its adapters stay off.)
 """
 
 import contextlib

@@ -125,6 +125,10 @@ def test_merged_layers_are_refused_by_name_before_anything_changes():
     with dm.disable_adapter(model[0]):  # a single adapted layer
         with pytest.raises(ValueError, match=r"merge\(\): the adapter is switched off"):
             model[0].merge()
+        model[0].load_state_dict(model[1].state_dict())  # merged by loading: refused in forward
+        with pytest.raises(ValueError, match=r"the layer is merged.*unmerge\(\) it to switch"):
+            model[0](x)
+        model[0].unmerge()
     model[0].merge()
     model[0].unmerge()
 
