@@ -343,7 +343,7 @@ class AdaptedLayer(nn.Module):
         it has walked the whole model. (torch passes strict=True to every module and decides at
         the end: keys missing from the state dict are not loaded, the others are, in every
         module, before strict's error.)"""
-        own = {name: t for name, t in self._parameters.items() if t is not None}
+        own = dict(self.named_parameters(recurse=False))  # (None entries are not listed)
         problems = self._load_problems(state_dict, prefix, own, local_metadata)
         if problems:
             error_msgs.extend(problems)
