@@ -8,7 +8,6 @@ rank, and each fine-tuning gives what `python -m dora_minimal --seed S --rank R`
 """
 
 import math
-import statistics
 import textwrap
 import time
 from dataclasses import dataclass, replace
@@ -45,15 +44,17 @@ def rank_sweep(cfg, ranks, seeds, log=print):
 
 
 def mean_and_std(values):
-    """The mean and the sample standard deviation (n - 1 in its denominator) of 2+ numbers."""
-    return statistics.mean(values), statistics.stdev(values)
+    """The mean and the sample standard deviation (n - 1 in its denominator) of 2+ numbers; nan
+    if one of them is (statistics.stdev raises on a nan instead)."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
 
 
 def paired_ratio(lora, dora):
     """Geometric mean over seeds of LoRA's loss / DoRA's loss (same seed: same pretrained model,
     task and batches), and on how many seeds DoRA's loss is the lower."""
     ratios = [a / b for a, b in zip(lora, dora)]
-    return math.exp(statistics.mean(math.log(r) for r in ratios)), sum(r > 1 for r in ratios)
+    return math.exp(sum(map(math.log, ratios)) / len(ratios)), sum(r > 1 for r in ratios)
 
 
 def format_loss(values):
@@ -74,7 +75,7 @@ def format_rank_table(sweep):
         lora, dora = sweep.losses["lora", rank], sweep.losses["dora", rank]
         ratio, dora_lower = paired_ratio(lora, dora)
         lines.append(row(rank, f"{sweep.trainable['lora', rank]:,}", format_loss(lora),
-                         f"{sweep.trainable['dora', rank]:,}", format_loss(dora), f"{ratio:.2f}",
+                         f"{sweep.trainable['dora', rank]:,}", format_loss(dora), f"{ratio:.3g}",
                          f"{dora_lower} of {n}"))
     lines.append(f"full fine-tuning ({sweep.trainable['full', None]:,} trained): held-out "
                  f"{format_loss(sweep.losses['full', None])}")
@@ -87,5 +88,12 @@ def format_rank_table(sweep):
         f"pretrained model, task and batches); above 1: DoRA lower. DoRA lower: on how many "
         f"seeds. Learning rates: LoRA and DoRA {cfg.lr:g}, full fine-tuning {cfg.full_lr:g}; "
         f"lora_alpha {cfg.lora_alpha:g}, so the scaling s = {cfg.lora_alpha:g} / r."]
+    diverged = [toy.NAMES[method] + ("" if rank is None else f" r={rank}")
+                for (method, rank), losses in sweep.losses.items()
+                if not all(math.isfinite(loss) and loss <= start
+                           for loss, start in zip(losses, sweep.start_losses))]
+    if diverged:
+        legend.append(f"{', '.join(diverged)}: on some seed the loss ended above where it started "
+                      "(or is not finite): that training diverged; try a smaller learning rate.")
     return "\n".join(lines + [""] + [textwrap.fill(p, 96, subsequent_indent="  ")
                                      for p in legend])

@@ -325,7 +325,7 @@ def test_the_rank_command_prints_what_the_toys_own_run_gives_for_each_seed_and_r
         ratios = np.array(lora) / np.array(dora)
         assert line.split() == [str(rank), f"{cfg.trainable_count('lora', rank):,}", *shown(lora),
                                 f"{cfg.trainable_count('dora', rank):,}", *shown(dora),
-                                f"{np.exp(np.log(ratios).mean()):.2f}",
+                                f"{np.exp(np.log(ratios).mean()):.3g}",
                                 str((ratios > 1).sum()), "of", "2"]
     assert lines[3] == (f"full fine-tuning ({cfg.trainable_count('full'):,} trained): held-out "
                         + " ".join(shown(own_losses(own_runs, "full", None))))
@@ -336,7 +336,18 @@ def test_the_rank_command_prints_what_the_toys_own_run_gives_for_each_seed_and_r
                              "after 10 fine-tuning steps, mean ± standard deviation (n - 1) over "
                              f"seeds 3, 4; before fine-tuning: {' '.join(shown(start))}.")
     assert "LoRA and DoRA 0.002, full fine-tuning 0.001; lora_alpha 8" in legend
+    assert "diverged" not in legend
     assert [line.split(":")[0] for line in captured.err.splitlines()] == ["seed 3", "seed 4"]
+
+
+def test_the_rank_table_says_which_training_diverged():
+    losses = {("full", None): [0.1, 0.2], ("lora", 4): [0.3, float("nan")],
+              ("dora", 4): [0.1, 0.6]}  # starts: 0.5, 0.5
+    sweep = ranks.RankSweep(ToyConfig(), [4], [0, 1], losses, dict.fromkeys(losses, 10),
+                            [0.5, 0.5])
+    legend = " ".join(ranks.format_rank_table(sweep).split())
+    assert ("LoRA r=4, DoRA r=4: on some seed the loss ended above where it started (or is not "
+            "finite): that training diverged") in legend
 
 
 # --- the figures ------------------------------------------------------------------------------
