@@ -20,7 +20,10 @@ hidden layers, one after another, rescaled row by row or tilted by a rank-2 turn
 fine-tuning, LoRA and DoRA at the same rank; print trainable parameters, losses, the paper's
 magnitude and direction changes (ΔM, ΔD, Eq. 3-4) of the hidden layers and their correlation over
 all layers and checkpoints (the paper's Figure 2), and time. Then merge the DoRA model and print
-how far its outputs moved."""
+how far its outputs moved.
+
+With --ranks (e.g. --ranks 1,2,4,8,16,32 --seeds 5): fine-tune with LoRA and DoRA at each rank
+and with full fine-tuning, over several seeds, and print the held-out loss of each, mean ± std."""
 
 EPILOG = """\
 The table's legend is printed under it; progress lines go to stderr. Chapter 7 of the tutorial
@@ -67,6 +70,29 @@ def integer(minimum, maximum=None, too_large=None):
             why = f": {too_large(value)}" if too_large and value > minimum else ""
             raise argparse.ArgumentTypeError(f"expected {expected}, got {value}{why}")
         return value
+    return parse
+
+
+def rank_list(width, too_large):
+    """argparse type: distinct ranks separated by commas, each from 1 to width; sorted.
+    too_large(rank) says what a rank above width would mean."""
+    expected = f"ranks separated by commas, such as 1,2,4,8, each an integer from 1 to {width}"
+
+    def parse(text):
+        ranks = []
+        for item in text.split(","):
+            try:
+                rank = int(item)
+            except ValueError:
+                why = f"{item.strip()!r} is no integer"
+            else:
+                why = (f"{rank} is below 1" if rank < 1 else
+                       f"{rank} is above {width}: {too_large(rank)}" if rank > width else
+                       f"{rank} is there twice" if rank in ranks else None)
+            if why:
+                raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}: {why}")
+            ranks.append(rank)
+        return sorted(ranks)
     return parse
 
 
@@ -129,8 +155,10 @@ def parse_args(argv):
         description=DESCRIPTION)
     options = {}
 
-    def add(*names, **kwargs):
-        action = parser.add_argument(*names, **kwargs)
+    one_rank_or_many = parser.add_mutually_exclusive_group()
+
+    def add(*names, group=parser, **kwargs):
+        action = group.add_argument(*names, **kwargs)
         options[action.dest] = action
 
     add("--device", type=device, default=defaults.device, help="cpu or cuda (or cuda:N)")
@@ -144,7 +172,12 @@ def parse_args(argv):
                 f"{defaults.trainable_count('lora', r):,}, full fine-tuning trains "
                 f"{defaults.trainable_count('full'):,})")
     add("--rank", type=integer(1, width, rank_too_large), default=defaults.rank,
-        help=f"adapter rank r, at most the hidden layers' width {width}")
+        group=one_rank_or_many, help=f"adapter rank r, at most the hidden layers' width {width}")
+    add("--ranks", type=rank_list(width, rank_too_large), group=one_rank_or_many,
+        help="compare LoRA and DoRA at each of these ranks, e.g. 1,2,4,8,16,32, over --seeds "
+             "seeds, beside full fine-tuning; --plot draws the loss against the rank")
+    add("--seeds", type=integer(2), help="with --ranks: how many seeds, --seed, --seed + 1, ... "
+        "(at least 2, for a spread; default: 5)")
     add("--lora-alpha", type=positive_number, default=defaults.lora_alpha,
         help="the scaling's numerator: s = lora_alpha / r")
     add("--pretrain-steps", type=integer(1), default=defaults.pretrain_steps,
@@ -164,12 +197,17 @@ def parse_args(argv):
         help="alternate: the hidden layers of the shifted task are rescaled and tilted in turn; "
              "both: each is tilted and rescaled (a control)")
     add("--plot", metavar="FILE", help="draw ΔD against ΔM per method, as the paper's "
-        f"Figure 2, into FILE ({', '.join(PLOT_FORMATS)}); needs matplotlib")
+        f"Figure 2, into FILE ({', '.join(PLOT_FORMATS)}); with --ranks the loss against the "
+        "rank; needs matplotlib")
     args = parser.parse_args(argv)
 
     if args.checkpoints > args.finetune_steps:
         error(parser, options["checkpoints"], f"expected at most --finetune-steps = "
               f"{args.finetune_steps} checkpoints, got {args.checkpoints}")
+    if args.seeds is not None and args.ranks is None:
+        error(parser, options["seeds"], f"only with --ranks (a single run has one seed: "
+              f"--seed), got --seeds {args.seeds} alone")
+    args.seeds = args.seeds or 5
     if args.plot:
         plot = Path(args.plot)
         if importlib.util.find_spec("matplotlib") is None:
@@ -195,6 +233,16 @@ def main(argv=None):
                     pretrain_steps=args.pretrain_steps, pretrain_lr=args.pretrain_lr,
                     finetune_steps=args.finetune_steps, checkpoints=args.checkpoints,
                     lr=args.lr, full_lr=args.full_lr, shift=args.shift, device=args.device)
+    if args.ranks:
+        from .ranks import format_rank_table, rank_sweep
+        sweep = rank_sweep(cfg, args.ranks, range(args.seed, args.seed + args.seeds),
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+        print(format_rank_table(sweep))
+        if args.plot:
+            from .figures import plot_rank_sweep
+            plot_rank_sweep(sweep, args.plot)
+            print(f"plot written to {args.plot}")
+        return
     toy_run = toy.run(cfg, log=print,
                       progress=lambda line: print(line, file=sys.stderr, flush=True))
     print()

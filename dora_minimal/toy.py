@@ -155,12 +155,29 @@ class ToyRun:
     merge_difference: float      # largest |merged - unmerged| output of the DoRA model (or None)
 
 
-def run(cfg=None, log=print, progress=None, progress_lines=5):
-    """Pretrain, fine-tune with each method, measure ΔM and ΔD; returns a ToyRun.
+@dataclass
+class ShiftedTask:
+    """What each method fine-tunes: the pretrained model and the shifted task's data."""
+    pretrained: nn.Module
+    train_data: tuple            # (x, y) of the shifted task
+    test_data: tuple
+    pretrain_loss: float         # held-out loss of the pretrained model on the original task
+    start_loss: float            # ... and on the shifted task, before fine-tuning
 
-    log(line) gets one line per phase; progress(line), if given, `progress_lines` lines within it.
-    """
-    cfg = cfg or ToyConfig()
+
+def reporter(progress, progress_lines, phase, steps):
+    """An on_step for train: progress(line) every steps // progress_lines steps (if given)."""
+    every = max(1, steps // progress_lines)
+
+    def report(step, loss):
+        if progress is not None and step % every == 0:
+            progress(f"  {phase}: step {step}/{steps}, batch loss {loss:.4f}")
+    return report
+
+
+def pretrain_and_shift(cfg, log=print, progress=None, progress_lines=5):
+    """Pretrain on the original task, then build the shifted one; a ShiftedTask. cfg.seed draws
+    the teacher, the data, the pretrained model's start and the shift."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
@@ -171,20 +188,11 @@ def run(cfg=None, log=print, progress=None, progress_lines=5):
     def data(model, size):
         return make_data(model, size, cfg.in_features, generator, y_scale)
 
-    def reporter(phase, steps):
-        """An on_step for train: a progress line every steps // progress_lines steps."""
-        every = max(1, steps // progress_lines)
-
-        def report(step, loss):
-            if progress is not None and step % every == 0:
-                progress(f"  {phase}: step {step}/{steps}, batch loss {loss:.4f}")
-        return report
-
     start = time.perf_counter()
     pretrained = make_mlp(cfg).to(device)
     pretrain_data, pretrain_test = data(teacher, cfg.train_size), data(teacher, cfg.test_size)
     train(pretrained, pretrain_data, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch, generator,
-          reporter("pretraining", cfg.pretrain_steps))
+          reporter(progress, progress_lines, "pretraining", cfg.pretrain_steps))
     task = shifted_copy(pretrained, cfg, generator)
     train_data, test_data = data(task, cfg.train_size), data(task, cfg.test_size)
     pretrain_loss, start_loss = evaluate(pretrained, pretrain_test), evaluate(pretrained, test_data)
@@ -193,34 +201,52 @@ def run(cfg=None, log=print, progress=None, progress_lines=5):
     shifts = "rescaled and tilted" if cfg.shift == "both" else "rescaled or tilted"
     log(f"shifted task: the pretrained MLP, hidden layers {shifts}; fine-tuning starts at "
         f"{start_loss:.4f}")
-    base_weights = effective_weights(pretrained)
+    return ShiftedTask(pretrained, train_data, test_data, pretrain_loss, start_loss)
+
+
+def finetune(task, cfg, method, progress=None, progress_lines=5):
+    """Fine-tune a copy of task.pretrained with `method` ('full', or 'lora' / 'dora' at cfg.rank),
+    measuring ΔM and ΔD at the checkpoints; (MethodResult, the fine-tuned model). The adapters'
+    start and the batches are drawn from cfg.seed + 1, the same for every method and rank."""
+    torch.manual_seed(cfg.seed + 1)
+    method_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    base_weights = effective_weights(task.pretrained)
     measured = hidden_layer_names(cfg)
     at_checkpoint = set(checkpoint_steps(cfg.finetune_steps, cfg.checkpoints))
+    model = copy.deepcopy(task.pretrained)
+    if method != "full":
+        inject_adapters(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha,
+                                          use_dora=method == "dora"))
+    counts = trainable_parameters(model)
+    result = MethodResult(method, counts.trainable, counts.total)
+    report = reporter(progress, progress_lines, f"fine-tuning ({NAMES[method]})",
+                      cfg.finetune_steps)
 
+    def on_step(step, loss):
+        if step in at_checkpoint:  # Eq. 3-4 for each measured layer against the pretrained
+            changes = decomposition_by_layer(base_weights, effective_weights(model))
+            result.trajectory += [(step, name, *changes[name]) for name in measured]
+        report(step, loss)
+    start = time.perf_counter()
+    result.losses = train(model, task.train_data, cfg.finetune_steps,
+                          cfg.full_lr if method == "full" else cfg.lr, cfg.batch,
+                          method_generator, on_step)
+    result.seconds = time.perf_counter() - start
+    result.train_loss = evaluate(model, task.train_data)
+    result.test_loss = evaluate(model, task.test_data)
+    return result, model
+
+
+def run(cfg=None, log=print, progress=None, progress_lines=5):
+    """Pretrain, fine-tune with each method, measure ΔM and ΔD; returns a ToyRun.
+
+    log(line) gets one line per phase; progress(line), if given, `progress_lines` lines within it.
+    """
+    cfg = cfg or ToyConfig()
+    task = pretrain_and_shift(cfg, log, progress, progress_lines)
     results, dora_model = [], None
     for method in cfg.methods:
-        torch.manual_seed(cfg.seed + 1)
-        method_generator = torch.Generator().manual_seed(cfg.seed + 1)
-        model = copy.deepcopy(pretrained)
-        if method != "full":
-            inject_adapters(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha,
-                                              use_dora=method == "dora"))
-        counts = trainable_parameters(model)
-        result = MethodResult(method, counts.trainable, counts.total)
-        report = reporter(f"fine-tuning ({NAMES[method]})", cfg.finetune_steps)
-
-        def on_step(step, loss, model=model, result=result, report=report):
-            if step in at_checkpoint:  # Eq. 3-4 for each measured layer against the pretrained
-                changes = decomposition_by_layer(base_weights, effective_weights(model))
-                result.trajectory += [(step, name, *changes[name]) for name in measured]
-            report(step, loss)
-        start = time.perf_counter()
-        result.losses = train(model, train_data, cfg.finetune_steps,
-                              cfg.full_lr if method == "full" else cfg.lr, cfg.batch,
-                              method_generator, on_step)
-        result.seconds = time.perf_counter() - start
-        result.train_loss, result.test_loss = evaluate(model, train_data), evaluate(model,
-                                                                                    test_data)
+        result, model = finetune(task, cfg, method, progress, progress_lines)
         log(f"fine-tuning ({NAMES[method]}): {cfg.finetune_steps} steps, train loss "
             f"{result.train_loss:.4f}, held-out {result.test_loss:.4f} ({result.seconds:.1f} s)")
         results.append(result)
@@ -229,11 +255,12 @@ def run(cfg=None, log=print, progress=None, progress_lines=5):
 
     merge_difference = None
     if dora_model is not None:
+        test_x = task.test_data[0]
         with torch.no_grad():
-            unmerged = dora_model(test_data[0])
-            merged = merge_adapters(copy.deepcopy(dora_model))(test_data[0])
+            unmerged = dora_model(test_x)
+            merged = merge_adapters(copy.deepcopy(dora_model))(test_x)
         merge_difference = float((merged - unmerged).abs().max())
-    return ToyRun(cfg, results, pretrain_loss, start_loss, merge_difference)
+    return ToyRun(cfg, results, task.pretrain_loss, task.start_loss, merge_difference)
 
 
 NAMES = {"full": "full fine-tuning", "lora": "LoRA", "dora": "DoRA"}

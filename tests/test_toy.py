@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dora_minimal.__main__ as main_command
-from dora_minimal import figures, toy
+from dora_minimal import figures, ranks, toy
 from dora_minimal.toy import MethodResult, ToyConfig, ToyRun, run
 
 SMALL = dict(pretrain_steps=30, finetune_steps=20, checkpoints=4, train_size=256, test_size=128)
@@ -137,6 +137,10 @@ def test_the_table_has_a_legend_and_says_when_no_correlation_exists():
 
 # --- the main command -------------------------------------------------------------------------
 
+RANKS_EXPECTED = ("argument --ranks: expected ranks separated by commas, such as 1,2,4,8, each "
+                  "an integer from 1 to 64,")
+
+
 def parse_error(capsys, *argv):
     """The one-line error of the main command for argv (it must exit 2 before any work)."""
     with pytest.raises(SystemExit) as exit_info:
@@ -168,9 +172,25 @@ def parse_error(capsys, *argv):
     (["--steps", "3", "--checkpoints", "4"],
      "argument --checkpoints: expected at most --finetune-steps = 3 checkpoints, got 4"),
     (["--device", "gpu"], "argument --device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["--ranks", "1,x"], f"{RANKS_EXPECTED} got '1,x': 'x' is no integer"),
+    (["--ranks", "1,,2"], f"{RANKS_EXPECTED} got '1,,2': '' is no integer"),
+    (["--ranks", "4"], None),  # one rank is a sweep too
+    (["--ranks", "0,2"], f"{RANKS_EXPECTED} got '0,2': 0 is below 1"),
+    (["--ranks", "8,4,8"], f"{RANKS_EXPECTED} got '8,4,8': 8 is there twice"),
+    (["--ranks", "2,65"], f"{RANKS_EXPECTED} got '2,65': 65 is above 64: the hidden layers are "
+     "64 x 64, where an update B A has rank at most 64, so a higher rank only adds parameters "
+     "(LoRA would train 60,840, full fine-tuning trains 27,592)"),
+    (["--ranks", "1,2", "--rank", "8"], "argument --rank: not allowed with argument --ranks"),
+    (["--seeds", "3"], "argument --seeds: only with --ranks (a single run has one seed: --seed), "
+     "got --seeds 3 alone"),
+    (["--ranks", "1,2", "--seeds", "1"], "argument --seeds: expected an integer >= 2, got 1"),
 ])
 def test_bad_options_are_one_line_errors_before_any_work(capsys, monkeypatch, argv, message):
     monkeypatch.setattr(toy, "run", lambda *a, **k: pytest.fail("work was started"))
+    if message is None:  # a good option: parsed, not refused
+        assert main_command.parse_args(argv).ranks == [4]
+        return
+    monkeypatch.setattr(ranks, "rank_sweep", lambda *a, **k: pytest.fail("work was started"))
     assert parse_error(capsys, *argv) == message
 
 
@@ -206,7 +226,9 @@ def test_a_cuda_device_needs_a_gpu_that_torch_sees(capsys, monkeypatch):
 @pytest.mark.parametrize("argv", [["--rank", "0"], ["--rank", "100"], ["--steps", "abc"],
                                   ["--lora-alpha", "0"], ["--device", "cuda"],
                                   ["--steps", "3", "--checkpoints", "4"],
-                                  ["--plot", "figure.txt"]])
+                                  ["--plot", "figure.txt"], ["--ranks", "1,x"],
+                                  ["--ranks", "2,100"], ["--ranks", "1", "--seeds", "1"],
+                                  ["--seeds", "5"]])
 def test_a_bad_option_is_answered_before_torch_or_numpy_is_imported(argv):
     if argv[0] == "--device" and main_command.torch_built_without_cuda() is None:
         pytest.skip("this torch has CUDA: whether a GPU is there, torch is asked")
@@ -248,6 +270,84 @@ def test_main_prints_progress_the_table_its_legend_and_the_plot(tmp_path):
     assert "fine-tuning (DoRA): step 10/10, batch loss" in result.stderr
     if HAS_MATPLOTLIB:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the rank sweep (python -m dora_minimal --ranks) ------------------------------------------
+
+SWEEP = dict(pretrain_steps=20, finetune_steps=10, checkpoints=1)  # a tiny sweep
+
+
+@pytest.fixture(scope="module")
+def own_runs():
+    """{(seed, rank): ToyRun} of the toy's own run (python -m dora_minimal --seed S --rank R) at
+    the tiny sweep's settings, seeds 3-4 and ranks 1-2: what the sweep must reproduce."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs = {(seed, rank): run(ToyConfig(seed=seed, rank=rank, **SWEEP), log=lambda line: None)
+            for seed in (3, 4) for rank in (1, 2)}
+    torch.set_num_threads(threads)
+    return runs
+
+
+def own_losses(own_runs, method, rank):
+    """Held-out losses of `method` over seeds 3, 4 in the toy's own runs."""
+    index = ("full", "lora", "dora").index(method)
+    return [own_runs[seed, rank or 1].results[index].test_loss for seed in (3, 4)]
+
+
+def test_the_rank_command_prints_what_the_toys_own_run_gives_for_each_seed_and_rank(
+        own_runs, capsys, monkeypatch):
+    sweeps = []
+
+    def keep(sweep):  # the sweep behind the table, to compare its losses in full
+        sweeps.append(sweep)
+        return format_rank_table(sweep)
+    format_rank_table = ranks.format_rank_table
+    monkeypatch.setattr(ranks, "format_rank_table", keep)
+    main_command.main(["--ranks", "2,1", "--seeds", "2", "--seed", "3", "--pretrain-steps", "20",
+                       "--steps", "10", "--checkpoints", "1"])
+    sweep, = sweeps
+    assert sorted(sweep.losses, key=str) == sorted(
+        [("full", None), ("lora", 1), ("dora", 1), ("lora", 2), ("dora", 2)], key=str)
+    for method, rank in sweep.losses:  # one pretraining per seed, yet each run as if alone
+        assert sweep.losses[method, rank] == own_losses(own_runs, method, rank), (method, rank)
+
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].split() == ["rank", "LoRA", "trained", "LoRA", "held-out", "DoRA", "trained",
+                                "DoRA", "held-out", "LoRA/DoRA", "DoRA", "lower"]
+    cfg = ToyConfig()
+
+    def shown(losses):  # mean ± sample std, computed here with NumPy
+        return [f"{np.mean(losses):.2e}", "±", f"{np.std(losses, ddof=1):.1e}"]
+    for line, rank in zip(lines[1:3], (1, 2)):  # the ranks in increasing order
+        lora, dora = own_losses(own_runs, "lora", rank), own_losses(own_runs, "dora", rank)
+        ratios = np.array(lora) / np.array(dora)
+        assert line.split() == [str(rank), f"{cfg.trainable_count('lora', rank):,}", *shown(lora),
+                                f"{cfg.trainable_count('dora', rank):,}", *shown(dora),
+                                f"{np.exp(np.log(ratios).mean()):.3g}",
+                                str((ratios > 1).sum()), "of", "2"]
+    assert lines[3] == (f"full fine-tuning ({cfg.trainable_count('full'):,} trained): held-out "
+                        + " ".join(shown(own_losses(own_runs, "full", None))))
+    assert lines[4] == ""
+    legend = " ".join(" ".join(lines[5:]).split())
+    start = [own_runs[seed, 1].start_loss for seed in (3, 4)]
+    assert legend.startswith("held-out: mean squared error on the shifted task's held-out set "
+                             "after 10 fine-tuning steps, mean ± standard deviation (n - 1) over "
+                             f"seeds 3, 4; before fine-tuning: {' '.join(shown(start))}.")
+    assert "LoRA and DoRA 0.002, full fine-tuning 0.001; lora_alpha 8" in legend
+    assert "diverged" not in legend
+    assert [line.split(":")[0] for line in captured.err.splitlines()] == ["seed 3", "seed 4"]
+
+
+def test_the_rank_table_says_which_training_diverged():
+    losses = {("full", None): [0.1, 0.2], ("lora", 4): [0.3, float("nan")],
+              ("dora", 4): [0.1, 0.6]}  # starts: 0.5, 0.5
+    sweep = ranks.RankSweep(ToyConfig(), [4], [0, 1], losses, dict.fromkeys(losses, 10),
+                            [0.5, 0.5])
+    legend = " ".join(ranks.format_rank_table(sweep).split())
+    assert ("LoRA r=4, DoRA r=4: on some seed the loss ended above where it started (or is not "
+            "finite): that training diverged") in legend
 
 
 # --- the figures ------------------------------------------------------------------------------
@@ -306,10 +406,11 @@ def test_the_scatter_names_hidden_layers_and_its_checkpoint_numbers_are_readable
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (the plot extra)")
-def test_figures_script_writes_three_small_pngs(tmp_path):
-    paths = figures.make_figures(tmp_path, ToyConfig(**SMALL), log=lambda line: None)
+def test_figures_script_writes_four_small_pngs(tmp_path):
+    paths = figures.make_figures(tmp_path, ToyConfig(**SMALL), log=lambda line: None,
+                                 ranks=(1, 2), seeds=2)
     assert [p.name for p in paths] == ["row_split.png", "delta_m_delta_d.png",
-                                       "training_curves.png"]
+                                       "training_curves.png", "loss_by_rank.png"]
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 200_000
