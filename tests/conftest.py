@@ -288,7 +288,7 @@ def pytest_runtest_setup(item):
         pytest.skip(f"exercise {done} failed above; --every-failure runs this test too")
 
 
-def location_in_solution(excinfo, config):
+def location_in_solution(excinfo):
     """'path:line: source' of the innermost frame of the traceback outside the tests and the
     libraries (the learner's code), or None."""
     tests = Path(__file__).resolve().parent
@@ -322,7 +322,7 @@ def learner_message(item, call):
         lines = [f"your code raised {type(error).__name__}: "
                  + str(error).strip().splitlines()[0] if str(error).strip() else
                  f"your code raised {type(error).__name__}"]
-        where = location_in_solution(call.excinfo, item.config)
+        where = location_in_solution(call.excinfo)
         if where:
             lines.append(f"  at {where}")
     if helpers.EXAMPLE["sizes"]:

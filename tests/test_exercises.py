@@ -3,11 +3,13 @@
 The list of exercises (helpers.EXERCISES) is checked against the reference in every run. The
 stubs themselves are checked only with --shipped-exercises (.ci/run passes it), since a learner
 solves them in place: they mirror the reference (names, signatures), each raises
-NotImplementedError naming its exercise, and pointed at them every test fails, in a few lines.
+NotImplementedError naming its exercise, and pointed at them the run stops at exercise 1 in a
+few lines (with --every-failure, every test fails in a line each).
 With the same option, tests/test_reference.py checks that each of its tests needs exactly the
 exercises it is marked with (see conftest.py), and the tests here check that the graded tests
-teach: solutions with mistakes learners make fail them, and the equations written as a learner
-first writes them pass them (all but the optional step 1b's).
+teach: solutions with mistakes learners make fail them, a wrong answer fails in a screenful
+that names the wrong quantity, and the equations written as a learner first writes them pass
+them (all but the optional step 1b's).
 """
 
 import inspect
@@ -151,6 +153,10 @@ def unmerge(W_merged, A, B, m, scaling, norm):
     if np.any(m == 0):
         raise ValueError("m: erased rows")
     return W_merged * _divide_or_zero(norm, m)[:, None] - scaling * (B @ A)
+"""),
+    "magnitude_grad returns float64": (8, """
+def magnitude_grad(V, grad_W):
+    return _divide_or_zero(np.sum(grad_W * V, axis=1), row_norm(V.astype(np.float64)))
 """),
     "|m| in dL/dV'": (9, """
 def adapted_weight_grad(V, m, grad_W, detach_norm=True):

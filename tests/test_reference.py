@@ -179,8 +179,8 @@ def test_row_norm_of_huge_and_tiny_float64_rows_neither_overflows_nor_underflows
 def test_row_norm_of_tiny_float32_weights_does_not_underflow(dora):
     """1e-30² underflows float32: squaring first would give a norm of 0."""
     W = np.full((2, 3), 1e-30, dtype=np.float32)
-    compare("row_norm(W) of float32 entries 1e-30", dora.row_norm(W), np.full(2, np.sqrt(3) * 1e-30),
-            1e-6, NORM, dtype="float32", entrywise=True)
+    compare("row_norm(W) of float32 entries 1e-30", dora.row_norm(W),
+            np.full(2, np.sqrt(3) * 1e-30), 1e-6, NORM, dtype="float32", entrywise=True)
 
 
 @exercise("1b", eq=2)
@@ -459,6 +459,18 @@ def test_magnitude_grad_is_eq7(dora, p):
             GRAD_M)
 
 
+@exercise(8, eq=7)
+@given(problems(dtype=np.float32))
+def test_magnitude_grad_of_float32_is_float32(dora, p):
+    V = adapted(p).astype(np.float32)
+    grad_W = np.random.default_rng(3).standard_normal(V.shape).astype(np.float32)
+    V64, grad_W64 = V.astype(np.float64), grad_W.astype(np.float64)
+    compare("∂L/∂m, magnitude_grad's result for float32 inputs", dora.magnitude_grad(V, grad_W),
+            over_norms(np.sum(grad_W64 * V64, axis=1), V64), 1e-5, GRAD_M, dtype="float32",
+            scale=np.max(np.sum(np.abs(grad_W64 * V64), axis=1) / np.maximum(norms(V64), 1e-300),
+                         initial=0.0))
+
+
 # --- Exercise 9: adapted_weight_grad (Eq. 6 and 11) -------------------------------------------
 
 @exercise(9, eq=6)
@@ -589,7 +601,8 @@ def test_backward_of_a_zero_row_is_finite_and_leaves_the_unit_dead(dora, p, deta
     for name, grad in grads.items():
         if not np.all(np.isfinite(grad)):
             fail(f"∂L/∂{name}, backward's {name!r}, is not finite where row {row} of V' is 0: "
-                 f"{np.asarray(grad).ravel()[:4]} (x / 0 counts as 0)", grad_formulas(True)[name][0])
+                 f"{np.asarray(grad).ravel()[:4]} (x / 0 counts as 0)",
+                 grad_formulas(True)[name][0])
     compare(f"∂L/∂m of zero row {row} of V'", grads["m"][row], 0.0, 1e-300, GRAD_M)
 
 
