@@ -8,12 +8,19 @@
     pytest tests/test_reference.py --impl=path/to/my_dora.py       # a file of your own
     pytest tests/test_reference.py tests/test_exercises.py --shipped-exercises   # CI (.ci/run)
     pytest tests/test_torch_exercises.py --impl=exercises --exercise 12   # exercises 11 and 12
+    pytest tests/test_reference.py --impl=exercises --every-failure  # not only the first failure
 
 Every test of tests/test_reference.py is marked `@exercise(n, eq)`: it runs once exercises 1..n
 are solved, and it checks the paper's equation `eq`. Both show in its id, `[ex03-Eq5]`. An
 optional step such as "1b" (helpers.OPTIONAL_STEPS) runs only when --exercise names it, and with
 the reference: a learner's other runs skip it, saying how to run it. The PyTorch exercises 11-13
 work the same way; tests/test_torch_exercises.py points its tests at them.
+
+A learner's run (--impl other than the reference) shows a wrong answer in a screenful: the first
+failing test of an exercise stops the tests of that exercise and of the later ones (which would
+fail with it; --every-failure runs them), and its report is the test's prepared message
+(helpers.WrongAnswer: the quantity, its equation, entries yours vs expected), the example's sizes
+and the exercise's chapter and hint, without pytest's traceback (--tb=short shows it).
 """
 
 import argparse
@@ -27,8 +34,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
+import helpers
 from helpers import (CHAPTERS, EXERCISES, OPTIONAL_STEPS, TORCH_CHAPTERS, TORCH_EXERCISES,
-                     natural_row_norm)
+                     WrongAnswer, natural_row_norm)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,6 +101,10 @@ def pytest_addoption(parser):
                      help="run only the tests of tests/test_reference.py (and "
                           "tests/test_torch_exercises.py) that exercises 1..N make runnable; an "
                           "optional step (1b) runs those of its exercise and its own")
+    parser.addoption("--every-failure", action="store_true",
+                     help="with --impl: run every test, not only up to the first failing test "
+                          "of an exercise (by default the tests of that exercise and of the "
+                          "later ones are skipped after it)")
     parser.addoption("--shipped-exercises", action="store_true",
                      help="CI: check tutorial/exercises/dora.py and dora_torch.py as shipped "
                           "(unsolved stubs), and that each test needs exactly the exercises it "
@@ -103,8 +115,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "exercise(n, eq): a test of tests/test_reference.py that "
                                        "exercises 1..n make runnable, checking the paper's Eq. eq")
     if config.getoption("--impl") != "reference":
-        # one screen per failure for a learner: a short traceback, one falsifying example, and
-        # none of hypothesis's explanations of it
+        # one screen per failure for a learner: the test's own message (see
+        # pytest_runtest_makereport) unless --tb asks for pytest's traceback, one falsifying
+        # example, and none of hypothesis's explanations of it
+        config.learner_messages = config.option.tbstyle == "auto"
         if config.option.tbstyle == "auto":
             config.option.tbstyle = "short"
         settings.register_profile("learner", parent=settings(), report_multiple_bugs=False,
@@ -205,8 +219,9 @@ def pytest_collection_modifyitems(config, items):
     tests run with --exercise naming it (with those of its exercise), with the reference and
     with --shipped-exercises; a learner's other runs skip them, saying how to run them."""
     if not config.getoption("--shipped-exercises"):
-        skip = pytest.mark.skip(reason="checks the unsolved exercises; .ci/run passes "
-                                       "--shipped-exercises")
+        skip = pytest.mark.skip(reason="not a test of your solutions: it checks the exercise "
+                                       "files as they ship, unsolved (the project's CI runs it, "
+                                       "with --shipped-exercises)")
         for item in items:
             if item.get_closest_marker("shipped_exercises"):
                 item.add_marker(skip)
@@ -238,18 +253,105 @@ def pytest_collection_modifyitems(config, items):
         items[:] = selected
 
 
+def learner_run(config):
+    """A run of a learner's solutions: --impl other than the reference, not CI's check of the
+    shipped stubs."""
+    return (config.getoption("--impl") != "reference"
+            and not config.getoption("--shipped-exercises"))
+
+
+def step_of(item):
+    """The exercise (an int) or optional step ("1b") of a test marked @exercise, else None."""
+    marker = item.get_closest_marker("exercise")
+    return None if marker is None else marker.args[0]
+
+
+def stopped_by(step, failed):
+    """The failed exercise or step that stops a test of `step`: the same step, or an exercise up
+    to its own (a later exercise calls the earlier ones; an optional step stops only itself)."""
+    for done in failed:
+        if done == step or (isinstance(done, int) and done <= exercise_of(step)):
+            return done
+    return None
+
+
+def pytest_runtest_setup(item):
+    """A learner's run stops at the first failing test of an exercise: the tests of that exercise
+    and of the later ones are skipped (unless --every-failure). Clears the example's sizes."""
+    helpers.note_example(None)
+    step = step_of(item)
+    if step is None or not learner_run(item.config) or item.config.getoption("--every-failure"):
+        return
+    done = stopped_by(step, getattr(item.config, "failed_steps", []))
+    if done is not None:
+        item.config.stopped = getattr(item.config, "stopped", 0) + 1
+        pytest.skip(f"exercise {done} failed above; --every-failure runs this test too")
+
+
+def location_in_solution(excinfo):
+    """'path:line: source' of the innermost frame of the traceback outside the tests and the
+    libraries (the learner's code), or None."""
+    tests = Path(__file__).resolve().parent
+    for entry in reversed(excinfo.traceback):
+        path = Path(str(entry.path)).resolve()
+        if tests in path.parents or "site-packages" in path.parts or not path.is_file():
+            continue
+        try:
+            shown = path.relative_to(ROOT)
+        except ValueError:
+            shown = path
+        source = str(entry.statement).strip().splitlines()
+        return f"{shown}:{entry.lineno + 1}: {source[0] if source else ''}"
+    return None
+
+
+def learner_message(item, call):
+    """The body of a failed test's report in a learner's run: a WrongAnswer's message; an
+    assertion's own message (without pytest's expansion of it); or the error the solution
+    raised, and where; then the example's sizes."""
+    error = call.excinfo.value
+    if isinstance(error, WrongAnswer):
+        lines = [str(error)]
+    elif isinstance(error, AssertionError):
+        message = str(error).split("\nassert ")[0].strip()
+        if message.startswith("assert "):  # a bare assert: say what the test checks
+            doc = (item.function.__doc__ or item.function.__name__).strip()
+            message = "this does not hold: " + doc.splitlines()[0]
+        lines = [message]
+    else:
+        lines = [f"your code raised {type(error).__name__}: "
+                 + str(error).strip().splitlines()[0] if str(error).strip() else
+                 f"your code raised {type(error).__name__}"]
+        where = location_in_solution(call.excinfo)
+        if where:
+            lines.append(f"  at {where}")
+    if helpers.EXAMPLE["sizes"]:
+        lines.append(f"example: {helpers.EXAMPLE['sizes']}")
+    lines.append("(--tb=short shows the test's code and the whole example)")
+    return "\n".join(lines)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A failed exercise test says which exercise and equation it checks, and where to read; one
-    that failed on a stub's NotImplementedError says only that, in one line."""
+    """A failed exercise test says which exercise and equation it checks (the equation of the
+    quantity found wrong, where the test names it), and where to read; one that failed on a
+    stub's NotImplementedError says only that, in one line. In a learner's run, its report is
+    learner_message's, and the exercise is noted as failed (pytest_runtest_setup)."""
     report = yield
     marker = item.get_closest_marker("exercise")
     if not report.failed or marker is None or hasattr(report, "wasxfail"):
         return report
     n, eq = marker.args
+    learner = learner_run(item.config)
+    if learner and n not in getattr(item.config, "failed_steps", []):
+        item.config.failed_steps = getattr(item.config, "failed_steps", []) + [n]
     if call.excinfo is not None and call.excinfo.errisinstance(NotImplementedError):
         report.longrepr = f"not solved yet: NotImplementedError: {call.excinfo.value}"
     elif item.config.getoption("--impl") != "reference":
+        if call.excinfo is not None and getattr(call.excinfo.value, "equation", None):
+            eq = call.excinfo.value.equation
+        if learner and getattr(item.config, "learner_messages", False) and call.excinfo:
+            report.longrepr = learner_message(item, call)
         equation = "" if eq is None else f", the paper's Eq. {eq}"
         names, chapters = EXERCISES + TORCH_EXERCISES, CHAPTERS + TORCH_CHAPTERS
         name, chapter = (OPTIONAL_STEPS[n] if n in OPTIONAL_STEPS
@@ -259,6 +361,27 @@ def pytest_runtest_makereport(item, call):
             f"{what} {n} ({name}){equation}",
             f"read tutorial/{chapter}.md; stuck? hint {n} in tutorial/exercises/HINTS.md"))
     return report
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """A learner's run ends saying why tests were skipped, in words."""
+    if not learner_run(config):
+        return
+    stopped = getattr(config, "stopped", 0)
+    if stopped:
+        first = ", ".join(map(str, getattr(config, "failed_steps", [])))
+        terminalreporter.write_line(
+            f"Stopped at the first failing test of exercise {first}: the {stopped} "
+            f"test{'s' * (stopped > 1)} after it of that exercise and the later ones "
+            f"{'were' if stopped > 1 else 'was'} skipped; --every-failure runs them.")
+    reasons = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+        reason = reason.removeprefix("Skipped: ")
+        if "failed above" not in reason:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in reasons.items():
+        terminalreporter.write_line(f"{count} skipped: {reason}")
 
 
 @pytest.fixture(scope="module", params=["core", "merged_weight", "blocked"])

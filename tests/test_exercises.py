@@ -3,11 +3,13 @@
 The list of exercises (helpers.EXERCISES) is checked against the reference in every run. The
 stubs themselves are checked only with --shipped-exercises (.ci/run passes it), since a learner
 solves them in place: they mirror the reference (names, signatures), each raises
-NotImplementedError naming its exercise, and pointed at them every test fails, in a few lines.
+NotImplementedError naming its exercise, and pointed at them the run stops at exercise 1 in a
+few lines (with --every-failure, every test fails in a line each).
 With the same option, tests/test_reference.py checks that each of its tests needs exactly the
 exercises it is marked with (see conftest.py), and the tests here check that the graded tests
-teach: solutions with mistakes learners make fail them, and the equations written as a learner
-first writes them pass them (all but the optional step 1b's).
+teach: solutions with mistakes learners make fail them, a wrong answer fails in a screenful
+that names the wrong quantity, and the equations written as a learner first writes them pass
+them (all but the optional step 1b's).
 """
 
 import inspect
@@ -64,15 +66,35 @@ def test_each_stub_has_the_reference_signature_and_raises_naming_its_exercise(nu
         stub(**{p: arguments[p] for p in inspect.signature(stub).parameters if p in arguments})
 
 
-@shipped
-def test_the_stub_run_fails_every_test_in_one_short_screen_each():
-    """What a learner sees first: every test fails, one line each, no hypothesis noise; the
-    optional steps' tests are skipped, each saying how to run it."""
-    # as on a learner's machine: with CI set, pytest would not shorten its summary lines
+def stub_run(*options):
+    """tests/test_reference.py run on the shipped stubs, as on a learner's machine (with CI set,
+    pytest would not shorten its summary lines)."""
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "BUILD_NUMBER")}
-    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_reference.py",
-                          "--impl=exercises", "-rs", "-p", "no:cacheprovider"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run([sys.executable, "-m", "pytest", "tests/test_reference.py",
+                           "--impl=exercises", "-p", "no:cacheprovider", *options],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+@shipped
+def test_the_stub_run_stops_at_exercise_1_in_one_short_screen():
+    """What a learner sees first: exercise 1's first test fails in a line, the rest are skipped,
+    and the run says why and how to see every failure."""
+    run = stub_run()
+    counts = re.search(r"=+ 1 failed, (\d+) skipped in", run.stdout)
+    assert run.returncode == 1 and counts, run.stdout[-2000:]
+    collected = int(re.search(r"collected (\d+) items", run.stdout).group(1))
+    assert int(counts.group(1)) == collected - 1
+    assert run.stdout.count("not solved yet: NotImplementedError: exercise 1: row_norm") == 1
+    assert "Stopped at the first failing test of exercise 1" in run.stdout
+    assert "--every-failure runs them" in run.stdout
+    assert len(run.stdout.splitlines()) <= 40, run.stdout
+
+
+@shipped
+def test_the_stub_run_with_every_failure_fails_every_test_in_one_short_screen_each():
+    """With --every-failure every test fails, one line each, no hypothesis noise; the optional
+    steps' tests are skipped, each saying how to run it."""
+    run = stub_run("--every-failure", "-rs")
     counts = re.search(r"=+ (\d+) failed, (\d+) skipped in", run.stdout)
     assert run.returncode == 1 and counts, run.stdout[-2000:]
     failed, skipped = int(counts.group(1)), int(counts.group(2))
@@ -131,6 +153,10 @@ def unmerge(W_merged, A, B, m, scaling, norm):
     if np.any(m == 0):
         raise ValueError("m: erased rows")
     return W_merged * _divide_or_zero(norm, m)[:, None] - scaling * (B @ A)
+"""),
+    "magnitude_grad returns float64": (8, """
+def magnitude_grad(V, grad_W):
+    return _divide_or_zero(np.sum(grad_W * V, axis=1), row_norm(V.astype(np.float64)))
 """),
     "|m| in dL/dV'": (9, """
 def adapted_weight_grad(V, m, grad_W, detach_norm=True):
@@ -281,3 +307,45 @@ def test_a_natural_solution_passes_every_exercise_and_fails_only_the_optional_st
     assert failed and set(failed) == {"ex01b"}, step_1b.stdout[-2000:]
     assert "optional step 1b (row_norm), the paper's Eq. 2" in step_1b.stdout
     assert "stuck? hint 1b in tutorial/exercises/HINTS.md" in step_1b.stdout
+
+
+# Wrong answers as a learner runs them (the documented command, --exercise N): {name: (exercise,
+# source, what the screen must say)}. Each fits a screen, names the wrong quantity, and shows
+# none of pytest's object reprs nor the test's code (which would give the answer away).
+WRONG_ANSWERS = {
+    "the norm over the wrong axis": (1, """
+def row_norm(W):
+    return np.sqrt(np.sum(W**2, axis=0))
+""", ["row_norm(W) has the wrong shape: expected (1,), got (2,)", "Eq. 2: ‖W‖_c"]),
+    "s forgotten in adapt": (3, """
+def adapt(W0, A, B, scaling):
+    return W0 + B @ A
+""", ["V', adapt's result is wrong", "Eq. 5: V' = W0 + s·B A", "yours/expected"]),
+    "∂L/∂A's sign flipped": (10, """
+_reference_backward = backward
+
+
+def backward(x, W0, A, B, m, scaling, grad_y, detach_norm=True):
+    grads = _reference_backward(x, W0, A, B, m, scaling, grad_y, detach_norm)
+    return grads | {"A": -grads["A"]}
+""", ["∂L/∂A, backward's 'A' is wrong", "              -1\n"]),
+}
+
+
+@shipped
+@pytest.mark.parametrize("mistake", WRONG_ANSWERS)
+def test_a_wrong_answer_fails_in_a_screenful(mistake, tmp_path):
+    number, source, said = WRONG_ANSWERS[mistake]
+    solution = tmp_path / "solution_with_a_mistake.py"
+    solution.write_text(HEADER + source.lstrip())
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "BUILD_NUMBER")}
+    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_reference.py",
+                          f"--impl={solution}", "--exercise", str(number), "-p",
+                          "no:cacheprovider"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 1 and " 1 failed" in run.stdout, run.stdout[-3000:]
+    assert len(run.stdout.splitlines()) <= 40, run.stdout
+    for text in said + [f"exercise {number} ({EXERCISES[number - 1]})", "example: out="]:
+        assert text in run.stdout, (text, run.stdout)
+    for text in ["+ where", "Problem(", "p.W0", "assert ", "Falsifying", "Failing test case"]:
+        assert text not in run.stdout, (text, run.stdout)

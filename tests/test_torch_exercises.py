@@ -30,10 +30,11 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, strategies as st
+from torch.autograd.gradcheck import GradcheckError
 
 from conftest import exercise_label
 from dora_minimal import core, reference
-from helpers import TORCH_EXERCISES, rel_error
+from helpers import TORCH_EXERCISES, check, fail, note_example
 
 ROOT = Path(__file__).resolve().parent.parent
 STUBS = ROOT / "tutorial" / "exercises" / "dora_torch.py"
@@ -206,7 +207,8 @@ def layers(draw, kinds=("linear", "conv2d"), zero_row=False, scales=(-2, 2)):
     W0 and of B set to 0, so that row of V' is 0."""
     kind = draw(st.sampled_from(kinds), label="kind")
     out_features = draw(st.integers(2 if zero_row else 1, 5), label="out")
-    in_features = draw(st.integers(1, 4), label="in")
+    # in = 1 last, as in helpers.problems: a shrunk example shows the norm's path turning V'
+    in_features = draw(st.sampled_from([2, 3, 4, 1]), label="in")
     r = draw(st.integers(1, 3), label="r")
     scaling = draw(st.sampled_from([0.5, 1.0, 2.0, 16.0 / r]), label="scaling")
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1), label="seed"))
@@ -237,6 +239,10 @@ def layers(draw, kinds=("linear", "conv2d"), zero_row=False, scales=(-2, 2)):
         x, W0, A, B, m * np.array(signs), bias, array(*y_shape))), scaling=scaling)
     for t in layer.leaves().values():
         t.requires_grad_()
+    note_example(f"{kind}, out={out_features}, in={in_features}, r={r}, y0 {y_shape}, scaling "
+                 f"{scaling:g}, float64, signs of m {signs}"
+                 + ("" if row is None else f", zero row {row} of V'")
+                 + (", no bias" if bias is None else ", a bias"))
     return (layer, row) if zero_row else layer
 
 
@@ -254,19 +260,69 @@ def gradients(y, layer):
     return dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), layer.G)))
 
 
-def error(a, b):
-    return rel_error(a.detach(), b.detach())
+# Each quantity's equation, as a failing test cites it: (the paper's equation number, formula).
+OUTPUT = (5, "y = c ⊙ y0 + b, c = m/‖V'‖_c (0 for a zero row of V'), in y0's dtype")
+THROUGH_Y0 = (11, "∂L/∂y0 = c ⊙ G (scale_backward's first result); autograd takes it on "
+                  "through y0 to x, A and B")
+GRAD_M = (7, "∂L/∂m = Σ G ⊙ y0 / ‖V'‖_c, Σ over every dim but the channel's "
+             "(scale_backward's second result)")
+GRAD_BIAS = (None, "∂L/∂b = Σ G over every dim but the channel's (scale_backward's third)")
+NORM_PATH = (6, "∂L/∂n = -c ⊙ Σ G ⊙ y0 / n; ∂L/∂V'_j += ∂L/∂n_j V'_j/n_j; on to A and B "
+                "as s·B^T ∂L/∂V' and s·∂L/∂V' A^T (norm_path_backward's results)")
 
 
-def assert_gradients_agree(ours, expected, against, terms=None):
+def cited(name, detach_norm=True):
+    """(equation, formula) of the gradient of leaf `name` (x, A, B, m, bias)."""
+    if name in ("A", "B") and not detach_norm:
+        return 6, "y0's path (c ⊙ G, Eq. 11) plus the norm's: " + NORM_PATH[1]
+    return {"m": GRAD_M, "bias": GRAD_BIAS}.get(name, THROUGH_Y0)
+
+
+def assert_gradients_agree(ours, expected, against, terms=None, detach_norm=True):
     """Each of `ours` within 1e-10 of `expected`, relative to the larger of the two or, where
     given, to terms[name]: the size of the terms it was summed from (rel_error's `scale`)."""
+    __tracebackhide__ = True
     for name, grad in expected.items():
-        assert ours[name].shape == grad.shape, f"∂L/∂{name}: shape"
         scale = 0.0 if terms is None else float(np.max(np.abs(terms[name].numpy()), initial=0.0))
-        difference = rel_error(ours[name].detach(), grad.detach(), scale)
-        assert difference < 1e-10, (
-            f"∂L/∂{name}: relative error {difference:.2g} against {against}")
+        equation, formula = cited(name, detach_norm)
+        check(f"∂L/∂{name}", ours[name], grad, 1e-10, equation=equation, formula=formula,
+              against=against, scale=scale)
+
+
+def assert_norm_paths_agree(ours, ours_detached, expected, expected_detached, against, terms):
+    """The norm's path of ∂L/∂A and ∂L/∂B, what norm_path_backward returns: the exact gradient
+    minus the detached one, ours against expected's (within 1e-10 of the path's terms)."""
+    __tracebackhide__ = True
+    for index, name in enumerate(("A", "B")):
+        scale = float(np.max(np.abs(terms[name].numpy()), initial=0.0))
+        check(f"∂L/∂{name} along the norm's path (norm_path_backward's result {index + 1}: "
+              "the exact gradient minus the detached one)",
+              ours[name] - ours_detached[name], expected[name] - expected_detached[name], 1e-10,
+              equation=6, formula=NORM_PATH[1], against=against, scale=scale)
+
+
+def assert_finite(gradients, row):
+    """Every gradient finite where row `row` of V' is 0."""
+    __tracebackhide__ = True
+    for name, grad in gradients.items():
+        if not torch.isfinite(grad).all():
+            fail(f"∂L/∂{name} is not finite where row {row} of V' is 0: 0/0 there? (the "
+                 "zero-row rule: x / 0 counts as 0)", cited(name)[0])
+
+
+def gradcheck(function, inputs, names):
+    """torch.autograd.gradcheck, its failure said in a few lines: which input's gradient
+    disagrees with finite differences."""
+    __tracebackhide__ = True
+    try:
+        torch.autograd.gradcheck(function, inputs)
+    except GradcheckError as error:
+        found = re.search(r"with respect to input (\d+)", str(error))
+        name = names[int(found.group(1))] if found else "an input"
+        equation, formula = cited(name, detach_norm=True) if found else (None, None)
+        first = str(error).strip().splitlines()[0]
+        fail(f"∂L/∂{name} disagrees with finite differences (torch.autograd.gradcheck: {first})"
+             + ("" if formula is None else f"\n  {formula}"), equation)
 
 
 def path_sizes(layer):
@@ -301,10 +357,9 @@ def test_scale_forward_equals_the_layer_with_the_merged_weight(dora_torch, layer
     """Eq. 5: c ⊙ y0 + b, c = m/‖V'‖_c, is the layer with weight W' = m·V'/‖V'‖_c (linear or a
     convolution, m of either sign)."""
     y = scaled(dora_torch, layer, detach_norm=True)
-    expected = layer.textbook(detach_norm=True)
-    assert y.shape == expected.shape and y.dtype == torch.float64, "y: shape or dtype"
-    assert error(y, expected) < 1e-12, (
-        f"y: relative error {error(y, expected):.2g} against the layer with weight W' formed")
+    check("y, scale_forward's result", y, layer.textbook(detach_norm=True), 1e-12,
+          equation=OUTPUT[0], formula=OUTPUT[1], dtype="float64",
+          against="the layer with weight W' = m·V'/‖V'‖_c formed")
 
 
 @exercise(11, eq=5)
@@ -314,8 +369,8 @@ def test_scale_forward_of_a_linear_layer_agrees_with_the_numpy_reference(dora_to
     numpy = [None if t is None else t.detach().numpy()
              for t in (layer.x, layer.W0, layer.A, layer.B, layer.m, layer.bias)]
     expected = torch.tensor(reference.forward(*numpy[:5], layer.scaling, numpy[5]))
-    assert error(y, expected) < 1e-12, (
-        f"y: relative error {error(y, expected):.2g} against the NumPy reference")
+    check("y, scale_forward's result", y, expected, 1e-12, equation=OUTPUT[0],
+          formula=OUTPUT[1], against="the NumPy reference")
 
 
 @exercise(11, eq=5)
@@ -324,9 +379,10 @@ def test_scale_forward_of_a_zero_row_outputs_the_bias(dora_torch, layer_and_row)
     """Zero-row rule: a row of V' that is exactly 0 has c = 0 (not 0/0); it outputs its bias."""
     layer, row = layer_and_row
     y = scaled(dora_torch, layer, detach_norm=True)
-    assert torch.isfinite(y).all(), "y is not finite: 0/0 where a row of V' is 0?"
-    assert (channel_of(y, layer, row) == (0 if layer.bias is None else layer.bias[row])).all(), (
-        f"channel {row}, a zero row of V', is not its bias")
+    channel = channel_of(y, layer, row)
+    check(f"y's channel {row}, a zero row of V' (its bias: c = 0, not 0/0)", channel,
+          torch.zeros_like(channel) + (0 if layer.bias is None else layer.bias[row]), 1e-300,
+          equation=OUTPUT[0], formula=OUTPUT[1])
 
 
 @exercise(11, eq=5)
@@ -339,9 +395,12 @@ def test_scale_forward_of_a_bf16_output_multiplies_by_c_in_float32(dora_torch):
     m = torch.tensor([1003.0, -1003.0])  # float32, as DoRALinear keeps it for a bf16 layer
     y0 = torch.full((4, 2), 1000.0, dtype=torch.bfloat16)
     y = dora_torch.DoRAFunction.apply(y0, W0, A, B, m, None, 2.0, True, 0)
-    assert y.dtype == torch.bfloat16, "y: not in y0's dtype"
-    assert y.float().tolist() == [[1004.0, -1004.0]] * 4, (
-        f"y = {y[0].tolist()}, not [1004, -1004]: c rounded to bf16 (1.003 is 1 there)?")
+    check("y, scale_forward's result for a bf16 y0", y, y, None, dtype="bfloat16")
+    if y.float().tolist() != [[1004.0, -1004.0]] * 4:
+        fail(f"y = {y[0].tolist()} for y0 = 1000 and c = ±1.003, expected [1004, -1004] "
+             "(1003 rounded to bf16): c rounded to bf16 (1.003 is 1 there)? Compute c and "
+             "c ⊙ y0 + b in float32, and round y once, at the end\n"
+             f"  Eq. {OUTPUT[0]}: {OUTPUT[1]}", 5)
 
 
 # --- Exercise 12: scale_backward (Eq. 7 and 11) ------------------------------------------------
@@ -378,8 +437,7 @@ def test_magnitude_gradient_is_eq7_whatever_the_sign_of_m(dora_torch, layer):
     expected = (products.sum(dims) if dims else products) / norms_of(layer)  # (sum(dim=[]): all)
     y = scaled(dora_torch, layer, detach_norm=True, y0=y0)
     (grad_m,) = torch.autograd.grad(y, layer.m, layer.G)
-    assert error(grad_m, expected) < 1e-12, (
-        f"∂L/∂m: relative error {error(grad_m, expected):.2g} against Σ G ⊙ y0 / ‖V'‖_c")
+    check("∂L/∂m", grad_m, expected, 1e-12, equation=GRAD_M[0], formula=GRAD_M[1])
 
 
 @exercise(12, eq=7)
@@ -393,8 +451,10 @@ def test_magnitude_gradient_of_bf16_outputs_is_summed_in_float32(dora_torch):
     y0 = torch.ones(257, 2, dtype=torch.bfloat16)
     y = dora_torch.DoRAFunction.apply(y0, W0, A, B, m, None, 2.0, True, 0)
     (grad_m,) = torch.autograd.grad(y, m, torch.ones_like(y))
-    assert grad_m.tolist() == [128.5, 128.5], (
-        f"∂L/∂m = {grad_m.tolist()}, not 257/2: Σ G ⊙ y0 summed in bf16?")
+    if grad_m.tolist() != [128.5, 128.5]:
+        fail(f"∂L/∂m = {grad_m.tolist()} for 257 tokens of G = y0 = 1 (bf16) and ‖V'‖ = 2, "
+             "expected 257/2 = 128.5: Σ G ⊙ y0 summed in bf16 (257 is 256 there)? Sum in "
+             f"the dtype of adapted_row_norm's result\n  Eq. 7: {GRAD_M[1]}", 7)
 
 
 @exercise(12, eq=7)
@@ -408,8 +468,11 @@ def test_magnitude_gradient_of_fp16_outputs_takes_the_products_in_float32(dora_t
     y0 = torch.full((1, 2), 300.0, dtype=torch.float16)
     y = dora_torch.DoRAFunction.apply(y0, W0, A, B, m, None, 2.0, True, 0)
     (grad_m,) = torch.autograd.grad(y, m, torch.full_like(y, 300.0))
-    assert grad_m.tolist() == [45000.0, 45000.0], (
-        f"∂L/∂m = {grad_m.tolist()}, not 90000/2: G ⊙ y0 multiplied in fp16?")
+    if grad_m.tolist() != [45000.0, 45000.0]:
+        fail(f"∂L/∂m = {grad_m.tolist()} for G = y0 = 300 (fp16) and ‖V'‖ = 2, expected "
+             "90000/2 = 45000: G ⊙ y0 multiplied in fp16 (90000 is past its largest number, "
+             "65504)? Take the products in the dtype of adapted_row_norm's result\n"
+             f"  Eq. 7: {GRAD_M[1]}", 7)
 
 
 @exercise(12, eq=11)
@@ -424,7 +487,7 @@ def test_scale_backward_is_torch_gradcheck(dora_torch, layer):
         return dora_torch.DoRAFunction.apply(y0, W0, A.detach(), layer.B.detach(), m,
                                              *(bias or [None]), layer.scaling, True,
                                              layer.trailing_dims)
-    assert torch.autograd.gradcheck(scale, inputs)
+    gradcheck(scale, inputs, ["y0", "m", "bias"])
 
 
 @exercise(12, eq=7)
@@ -438,9 +501,12 @@ def test_detached_backward_of_a_zero_row_is_finite_and_gives_the_row_nothing(dor
     y = scaled(dora_torch, layer, detach_norm=True, y0=y0)
     (grad_y0,) = torch.autograd.grad(y, y0, layer.G, retain_graph=True)
     ours = gradients(y, layer)
-    assert all(torch.isfinite(g).all() for g in ours.values()), "a gradient is not finite"
-    assert (channel_of(grad_y0, layer, row) == 0).all(), f"∂L/∂y0 of zero row {row} is not 0"
-    assert ours["m"][row] == 0, f"∂L/∂m of zero row {row} is not 0"
+    assert_finite(ours | {"y0": grad_y0}, row)
+    zeros = channel_of(grad_y0, layer, row)
+    check(f"∂L/∂y0's channel {row}, a zero row of V' (c = 0, not 0/0)", zeros,
+          torch.zeros_like(zeros), 1e-300, equation=THROUGH_Y0[0], formula=THROUGH_Y0[1])
+    check(f"∂L/∂m of zero row {row} of V' (x / 0 counts as 0)", ours["m"][row], 0.0, 1e-300,
+          equation=GRAD_M[0], formula=GRAD_M[1])
     smaller = layer.without_row(row)
     expected = gradients(smaller.textbook(detach_norm=True), smaller)
     for name in ("B", "m", "bias"):
@@ -457,7 +523,11 @@ def test_exact_backward_equals_autograd_of_the_textbook_formula(dora_torch, laye
     """Eq. 6: with ‖V'‖_c a function of A and B, every gradient is autograd's of the textbook."""
     ours = gradients(scaled(dora_torch, layer, detach_norm=False), layer)
     expected = gradients(layer.textbook(detach_norm=False), layer)
-    assert_gradients_agree(ours, expected, "autograd of the textbook formula", path_sizes(layer))
+    assert_norm_paths_agree(ours, gradients(scaled(dora_torch, layer, detach_norm=True), layer),
+                            expected, gradients(layer.textbook(detach_norm=True), layer),
+                            "autograd of the textbook formula", path_sizes(layer))
+    assert_gradients_agree(ours, expected, "autograd of the textbook formula", path_sizes(layer),
+                           detach_norm=False)
 
 
 @exercise(13, eq=6)
@@ -465,9 +535,13 @@ def test_exact_backward_equals_autograd_of_the_textbook_formula(dora_torch, laye
 def test_exact_backward_of_a_linear_layer_agrees_with_the_numpy_reference(dora_torch, layer):
     ours = gradients(scaled(dora_torch, layer, detach_norm=False), layer)
     numpy = [t.detach().numpy() for t in (layer.x, layer.W0, layer.A, layer.B, layer.m)]
-    expected = reference.backward(*numpy, layer.scaling, layer.G.numpy(), detach_norm=False)
-    assert_gradients_agree(ours, {k: torch.tensor(v) for k, v in expected.items()},
-                           "the NumPy reference", path_sizes(layer))
+    expected, detached = ({k: torch.tensor(v) for k, v in reference.backward(
+        *numpy, layer.scaling, layer.G.numpy(), detach_norm=detach_norm).items()}
+        for detach_norm in (False, True))
+    assert_norm_paths_agree(ours, gradients(scaled(dora_torch, layer, detach_norm=True), layer),
+                            expected, detached, "the NumPy reference", path_sizes(layer))
+    assert_gradients_agree(ours, expected, "the NumPy reference", path_sizes(layer),
+                           detach_norm=False)
 
 
 @exercise(13, eq=6)
@@ -483,7 +557,7 @@ def test_exact_backward_is_torch_gradcheck(dora_torch, layer):
     def scale(y0, A, B, m, *bias):
         return dora_torch.DoRAFunction.apply(y0, W0, A, B, m, *(bias or [None]), layer.scaling,
                                              False, layer.trailing_dims)
-    assert torch.autograd.gradcheck(scale, inputs)
+    gradcheck(scale, inputs, ["y0", "A", "B", "m", "bias"])
 
 
 @exercise(13, eq=6)
@@ -494,15 +568,19 @@ def test_exact_backward_of_a_zero_row_is_finite_and_gives_the_row_nothing(dora_t
     that of the layer without the row."""
     layer, row = layer_and_row
     ours = gradients(scaled(dora_torch, layer, detach_norm=False), layer)
-    assert all(torch.isfinite(g).all() for g in ours.values()), "a gradient is not finite"
-    assert (ours["B"][row] == 0).all() and ours["m"][row] == 0, (
-        f"∂L/∂B or ∂L/∂m of zero row {row} is not 0")
+    assert_finite(ours, row)
+    check(f"∂L/∂B's row {row}, a zero row of V' (its norm's path adds nothing, not 0/0)",
+          ours["B"][row], torch.zeros_like(ours["B"][row]), 1e-300, equation=6,
+          formula=NORM_PATH[1])
+    check(f"∂L/∂m of zero row {row} of V' (x / 0 counts as 0)", ours["m"][row], 0.0, 1e-300,
+          equation=GRAD_M[0], formula=GRAD_M[1])
     smaller = layer.without_row(row)
     expected = gradients(smaller.textbook(detach_norm=False), smaller)
     for name in ("B", "m", "bias"):
         if name in ours:
             ours[name] = torch.cat([ours[name][:row], ours[name][row + 1:]])
-    assert_gradients_agree(ours, expected, "the layer without the zero row", path_sizes(smaller))
+    assert_gradients_agree(ours, expected, "the layer without the zero row", path_sizes(smaller),
+                           detach_norm=False)
 
 
 # --- The shipped stubs (CI: --shipped-exercises) -----------------------------------------------
@@ -530,14 +608,34 @@ def test_each_torch_stub_has_the_solutions_signature_and_raises_naming_its_exerc
         stub(*[t] * (len(inspect.signature(stub).parameters) - 2), 1.0, 0)
 
 
-@shipped
-def test_the_torch_stub_run_fails_every_test_in_one_short_screen_each():
-    """What a learner sees first: every test fails, one line each, no hypothesis noise."""
-    # as on a learner's machine: with CI set, pytest would not shorten its summary lines
+def torch_stub_run(*options):
+    """This file's exercise tests run on the shipped stubs, as on a learner's machine (with CI
+    set, pytest would not shorten its summary lines)."""
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "BUILD_NUMBER")}
-    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_torch_exercises.py",
-                          "--impl=exercises", "-p", "no:cacheprovider", "-m", "exercise"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run([sys.executable, "-m", "pytest", "tests/test_torch_exercises.py",
+                           "--impl=exercises", "-p", "no:cacheprovider", "-m", "exercise",
+                           *options], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+@shipped
+def test_the_torch_stub_run_stops_at_exercise_11_in_one_short_screen():
+    """What a learner sees first: exercise 11's first test fails in a line, the rest are
+    skipped, and the run says why and how to see every failure."""
+    run = torch_stub_run()
+    counts = re.search(r"=+ 1 failed, (\d+) skipped(?:, (\d+) deselected)? in", run.stdout)
+    assert run.returncode == 1 and counts, run.stdout[-2000:]
+    collected = int(re.search(r"collected (\d+) items", run.stdout).group(1))
+    assert 1 + int(counts.group(1)) + int(counts.group(2) or 0) == collected
+    assert run.stdout.count("not solved yet: NotImplementedError: exercise 11: ") == 1
+    assert "Stopped at the first failing test of exercise 11" in run.stdout
+    assert len(run.stdout.splitlines()) <= 40, run.stdout
+
+
+@shipped
+def test_the_torch_stub_run_with_every_failure_fails_every_test_in_one_short_screen_each():
+    """With --every-failure every test fails, one line each, no hypothesis noise."""
+    run = torch_stub_run("--every-failure")
     counts = re.search(r"=+ (\d+) failed(?:, (\d+) deselected)? in", run.stdout)
     assert run.returncode == 1 and counts, run.stdout[-2000:]
     failed = int(counts.group(1))
@@ -579,6 +677,25 @@ def norm_path_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, t
     unit = divide_or_zero(weight.to(norm.dtype) + scaling * B @ A, norm[:, None])
     grad_V = grad_norm[:, None] * unit
     return (scaling * B.T @ grad_V).to(lora_A.dtype), (scaling * grad_V @ A.T).to(lora_B.dtype)
+'''
+
+# Exercise 12 as the docstring's words lead a learner to write it without the helper
+# sum_but_channel: the dims listed by hand, a 1-d y0 kept whole (the trap of sum(dim=[])),
+# ∂L/∂b in grad_y's dtype. Appended to NATURAL_SOLUTION, it replaces its scale_backward.
+NATURAL_SCALE_BACKWARD_BY_HAND = '''
+
+def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    c = divide_or_zero(magnitude.to(norm.dtype), norm)
+    grad_y0 = (grad_y * along_channel(c, trailing_dims)).to(grad_y.dtype)
+    channel = y0.ndim - 1 - trailing_dims
+    dims = [d for d in range(y0.ndim) if d != channel]
+    products = grad_y.to(norm.dtype) * y0
+    sums = products.sum(dims) if dims else products  # sum(dim=[]) would sum everything
+    grad_m = divide_or_zero(sums, norm).to(magnitude.dtype)
+    G = grad_y.to(norm.dtype)
+    grad_b = (G.sum(dims) if dims else G).to(grad_y.dtype)
+    return grad_y0, grad_m, grad_b
 '''
 
 # Mistakes that learners make, each one function of NATURAL_SOLUTION written wrong:
@@ -636,6 +753,17 @@ def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trail
     sums = sum_but_channel(grad_y * y0, trailing_dims, norm.dtype)
     return grad_y0, divide_or_zero(sums, norm).to(magnitude.dtype), grad_b
 '''),
+    "Σ G ⊙ y0 by sum(dims), everything for a 1-d y0": (12, '''
+def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    c = divide_or_zero(magnitude.to(norm.dtype), norm)
+    grad_y0 = (grad_y * along_channel(c, trailing_dims)).to(grad_y.dtype)
+    channel = y0.ndim - 1 - trailing_dims
+    dims = [d for d in range(y0.ndim) if d != channel]
+    grad_m = divide_or_zero((grad_y.to(norm.dtype) * y0).sum(dims), norm)
+    grad_b = grad_y.to(norm.dtype).sum(dims).to(grad_y.dtype)
+    return grad_y0, grad_m.to(magnitude.dtype), grad_b
+'''),
     "dL/dm without the zero-row rule": (12, '''
 _natural_scale_backward = scale_backward
 
@@ -689,6 +817,16 @@ def test_a_natural_solution_passes_every_exercise(tmp_path):
 
 
 @shipped
+def test_exercise_12_summed_by_hand_as_its_docstring_says_passes(tmp_path):
+    """The docstring's two traps avoided (sum over dim=[] for a 1-d y0; ∂L/∂b's dtype): the
+    solution passes exercises 11 and 12."""
+    run = run_on(tmp_path, NATURAL_SOLUTION, NATURAL_SCALE_BACKWARD_BY_HAND,
+                 options=("--exercise", "12", "--every-failure"))
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert re.search(r"\d+ passed, \d+ deselected in", run.stdout), run.stdout[-2000:]
+
+
+@shipped
 @pytest.mark.parametrize("mistake", MISTAKES)
 def test_the_tests_of_an_exercise_catch_a_mistake_learners_make(mistake, tmp_path):
     """A solution with this mistake fails the tests of its exercise, and the failure names the
@@ -700,3 +838,44 @@ def test_the_tests_of_an_exercise_catch_a_mistake_learners_make(mistake, tmp_pat
                       re.MULTILINE), run.stdout[-2000:]
     assert f"exercise {number} ({TORCH_EXERCISES[number - FIRST]})" in run.stdout
     assert f"read tutorial/06_pytorch.md; stuck? hint {number} in" in run.stdout
+
+
+# Wrong answers as a learner runs them (the documented command, --exercise N): {name: (the
+# mistake of MISTAKES, the exercise run, what the screen must say)}.
+WRONG_ANSWERS = {
+    "∂L/∂m not divided by the norm": (12, '''
+_natural_scale_backward = scale_backward
+
+
+def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trailing_dims):
+    grad_y0, _, grad_b = _natural_scale_backward(grad_y, y0, weight, lora_A, lora_B,
+                                                 magnitude, scaling, trailing_dims)
+    norm = adapted_row_norm(weight, lora_A, lora_B, scaling)
+    sums = sum_but_channel(grad_y.to(norm.dtype) * y0, trailing_dims, norm.dtype)
+    return grad_y0, sums.to(magnitude.dtype), grad_b
+''', ["∂L/∂m is wrong", "Eq. 7: ∂L/∂m = Σ G ⊙ y0 / ‖V'‖_c",
+      "exercise 12 (scale_backward), the paper's Eq. 7"]),
+    "the norm's path with its sign flipped": (
+        13, MISTAKES["the norm's path with its sign flipped"][1],
+        ["∂L/∂A along the norm's path", "              -1\n",
+         "exercise 13 (norm_path_backward), the paper's Eq. 6"]),
+}
+
+
+@shipped
+@pytest.mark.parametrize("mistake", WRONG_ANSWERS)
+def test_a_wrong_answer_fails_in_a_screenful(mistake, tmp_path):
+    number, source, said = WRONG_ANSWERS[mistake]
+    solution = tmp_path / "my_dora_torch.py"
+    solution.write_text(STUBS.read_text() + NATURAL_SOLUTION + "\n" + source)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "BUILD_NUMBER")}
+    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_torch_exercises.py",
+                          f"--impl={solution}", "--exercise", str(number), "-p",
+                          "no:cacheprovider"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 1 and " 1 failed" in run.stdout, run.stdout[-3000:]
+    assert len(run.stdout.splitlines()) <= 40, run.stdout
+    for text in said + ["example: linear", "--every-failure runs them"]:
+        assert text in run.stdout, (text, run.stdout)
+    for text in ["+ where", "Layer(", "assert ", "Falsifying", "Failing test case"]:
+        assert text not in run.stdout, (text, run.stdout)

@@ -43,7 +43,12 @@ def scale_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, trail
     ∂L/∂y0 = c ⊙ G (Eq. 11), ∂L/∂m = Σ G ⊙ y0 / ‖V'‖_c (Eq. 7), ∂L/∂b = Σ G, with G = grad_y and
     Σ over every dim but the channel's. A zero row of V' gets ∂L/∂y0 = 0 and ∂L/∂m = 0. Take
     the products G ⊙ y0 and the sums in the dtype of adapted_row_norm's result (float32 for bf16
-    or fp16), and give each gradient back in the dtype of what it is the gradient of.
+    or fp16). Return ∂L/∂y0 in grad_y's dtype, ∂L/∂m in magnitude's, and ∂L/∂b in grad_y's: the
+    bias is no argument here, and a layer keeps it in the dtype of its output, which grad_y has.
+
+    Trap: with dims the list of every dim but the channel's, t.sum(dims) sums over *every* dim
+    when dims is empty (torch's sum over dim=[]), as it is for a 1-d y0 (out,), one token of a
+    linear layer: ∂L/∂m would be one number. Keep t as it is then (sum_but_channel does).
     """
     raise NotImplementedError("exercise 12: scale_backward")
 
@@ -54,6 +59,8 @@ def norm_path_backward(grad_y, y0, weight, lora_A, lora_B, magnitude, scaling, t
 
     ∂L/∂n = -c ⊙ Σ G ⊙ y0 / n, and row j of ∂L/∂V' gains ∂L/∂n_j · V'_j / n_j; V' = W0 + s·B A
     takes it on to A and B. A zero row of V' adds nothing. (Forming V' whole is fine here.)
+    Σ G ⊙ y0 is exercise 12's, with the same trap for a 1-d y0. Return ∂L/∂A in lora_A's dtype
+    and ∂L/∂B in lora_B's.
     """
     raise NotImplementedError("exercise 13: norm_path_backward")
 
