@@ -215,7 +215,8 @@ def test_chapter_6_names_no_route_machinery():
 
 # The published timings: every line of these files with a time (ms, µs, s, minutes) or a ratio
 # (1.30×, but not a target "≤ 1.35×"), outside code blocks, and every row of a table whose header
-# has a time unit, has within TIMING_WINDOW lines a marker "measured YYYY-MM-DD with torch X.Y.Z"
+# has a time unit, has within TIMING_WINDOW lines of it or of the start of its paragraph or table
+# a marker "measured YYYY-MM-DD with torch X.Y.Z"
 # (X.Y.Z the torch .ci/run tests, so that a torch upgrade calls for measuring again) and the
 # command that measured it, in backquotes (`python -m ...` or `python .ci/...`), which must still
 # run as written (its module exists and accepts its options). An estimate says "not measured".
@@ -227,23 +228,26 @@ TIMING_WINDOW = 12
 TIMING = re.compile(r"(?<![\w.])\d+(?:\.\d+)?\s?(?:ms|µs|s|min|minutes?|seconds?|hours?)\b"
                     r"|(?<!≤ )(?<![\w.])\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?×")
 TIME_UNIT = re.compile(r"(?<![\w'’])(?:ms|µs|s|min|minutes)\b")
-MARKER = re.compile(r"measured (\d{4}-\d{2}-\d{2}) with torch (\d+\.\d+\.\d+)(?:\+\w+)?")
-COMMAND = re.compile(r"`(?:time )?python (-m [\w.]+|\.ci/[\w.]+)([^`]*)`")
+MARKER = re.compile(r"measured\s+(\d{4}-\d{2}-\d{2})\s+with\s+torch\s+(\d+\.\d+\.\d+)(?:\+\w+)?")
+COMMAND = re.compile(r"`(?:time\s+)?python\s+(-m\s+[\w.]+|\.ci/[\w.]+)([^`]*)`")
 
 
 def prose_lines(text):
-    """[(line number, line)] outside ``` blocks, and whether each is a row of a timed table."""
-    lines, fenced, timed_table, in_table = [], False, False, False
+    """[(line number, line, first line of its paragraph or table, whether it is a row of a
+    table with times)] for the lines outside ``` blocks."""
+    lines, fenced, timed_table, start = [], False, False, 1
+    previous = ""
     for number, line in enumerate(text.splitlines(), 1):
         if line.lstrip().startswith("```"):
             fenced = not fenced
             continue
         if fenced:
             continue
-        if line.startswith("|") and not in_table:  # a table's header row
-            timed_table = bool(TIME_UNIT.search(line))
-        in_table = line.startswith("|")
-        lines.append((number, line, timed_table and bool(re.search(r"\d", line))))
+        if not previous.strip() or previous.startswith("|") != line.startswith("|"):
+            start = number  # a paragraph or a table begins
+            timed_table = line.startswith("|") and bool(TIME_UNIT.search(line))  # its header
+        previous = line
+        lines.append((number, line, start, timed_table and bool(re.search(r"\d", line))))
     return lines
 
 
@@ -251,7 +255,7 @@ def command_problem(module, options):
     """Why the command `python {module} {options}` would not run as written, or None."""
     if module.startswith(".ci/"):
         return None if (ROOT / module).is_file() else f"{module} does not exist"
-    name = module.removeprefix("-m ").strip()
+    name = module.removeprefix("-m").strip()
     path = ROOT / Path(*name.split("."))
     if not (path.with_suffix(".py").is_file() or (path / "__main__.py").is_file()):
         return f"no module {name}"
@@ -289,10 +293,11 @@ def test_every_published_timing_is_dated_with_its_torch_and_command(path):
     changed = code_last_changed()
     text = path.read_text()
     all_lines = text.splitlines()
-    for number, line, table_row in prose_lines(text):
+    for number, line, start, table_row in prose_lines(text):
         if not (TIMING.search(line) or table_row):
             continue
-        window = "\n".join(all_lines[max(0, number - 1 - TIMING_WINDOW):number + TIMING_WINDOW])
+        # the lines around it, and around the start of its paragraph or table
+        window = "\n".join(all_lines[max(0, start - 1 - TIMING_WINDOW):number + TIMING_WINDOW])
         where = f"{path.name}:{number}: {line.strip()[:70]!r}"
         if "not measured" in window:
             continue
