@@ -135,7 +135,10 @@ def main():
             shutil.rmtree(copy)
         shutil.copytree(ROOT, copy, ignore=NOT_COPIED)
         configure(copy, args.target, args.tests)
-        environment = dict(os.environ, HYPOTHESIS_PROFILE=args.profile)
+        # one thread per child: mutmut forks each child from a process that has run torch, and a
+        # child forked from torch's thread pool can wait forever on a lock held by a thread it
+        # does not have (seen as a "timeout", which would count as a kill)
+        environment = dict(os.environ, HYPOTHESIS_PROFILE=args.profile, OMP_NUM_THREADS="1")
         start = time.perf_counter()
         run = subprocess.run(["mutmut", "run", "--max-children", str(args.max_children)],
                              cwd=copy, env=environment, stdout=subprocess.DEVNULL)

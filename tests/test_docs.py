@@ -12,7 +12,10 @@ import doctest
 import importlib.util
 import inspect
 import re
+import shlex
+import subprocess
 from code import InteractiveConsole
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -183,17 +186,133 @@ def test_the_exercise_tables_and_hints_follow_the_exercises():
         assert row and str(n) in re.findall(r"\d+", row.group(1)), (chapter, n)
 
 
-def test_the_lines_chapter_6_quotes_from_the_core_are_the_cores():
-    """Chapter 6 quotes DoRAFunction's forward and backward and MergedWeight's backward in ```py
-    blocks (shown, not run): each quoted line's code (without its comment) is a line of
-    dora_minimal/core.py or dora_minimal/routes.py."""
+@pytest.mark.parametrize("chapter, sources", [("06_pytorch", ["core.py"]),
+                                             ("08_cost", ["routes.py"])])
+def test_the_lines_a_chapter_quotes_from_the_code_are_the_codes(chapter, sources):
+    """Chapter 6 quotes DoRAFunction's forward and backward and their helpers from
+    dora_minimal/core.py, chapter 8 MergedWeight's backward from dora_minimal/routes.py, in ```py
+    blocks (shown, not run): each quoted line's code (without its comment) is a line of that
+    file."""
     def code(line):
         return line.split("  #")[0].strip()
-    core = {code(line) for name in ("core.py", "routes.py")
-            for line in (ROOT / "dora_minimal" / name).read_text().splitlines()}
-    text = (ROOT / "tutorial" / "06_pytorch.md").read_text()
-    quoted = re.findall(r"^```py\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
-    assert len(quoted) == 3
+    source = {code(line) for name in sources
+              for line in (ROOT / "dora_minimal" / name).read_text().splitlines()}
+    text = (ROOT / "tutorial" / f"{chapter}.md").read_text()
+    quoted = re.findall(r"^ *```py\n(.*?)^ *```", text, re.MULTILINE | re.DOTALL)
+    assert quoted, f"{chapter}.md quotes no code"
     for block in quoted:
         for line in block.splitlines():
-            assert code(line) in core, line
+            assert code(line) in source, line
+
+
+def test_chapter_6_names_no_route_machinery():
+    """Chapter 6 teaches the core alone; the routes that compute the same faster are chapter 8's."""
+    text = (ROOT / "tutorial" / "06_pytorch.md").read_text()
+    named = re.findall(r"choose_route|MergedWeight|route_apply|merged_weight|\bblocked\b|"
+                       r"force_route|dora_minimal/routes|routes\.py", text)
+    assert not named, f"06_pytorch.md names {sorted(set(named))}: they belong in 08_cost.md"
+
+
+# The published timings: every line of these files with a time (ms, µs, s, minutes) or a ratio
+# (1.30×, but not a target "≤ 1.35×"), outside code blocks, and every row of a table whose header
+# has a time unit, has within TIMING_WINDOW lines of it or of the start of its paragraph or table
+# a marker "measured YYYY-MM-DD with torch X.Y.Z"
+# (X.Y.Z the torch .ci/run tests, so that a torch upgrade calls for measuring again) and the
+# command that measured it, in backquotes (`python -m ...` or `python .ci/...`), which must still
+# run as written (its module exists and accepts its options). An estimate says "not measured".
+# Where the repository's history is at hand (a git clone, not a shallow one), no marker's date
+# may be older than the last commit that changed dora_minimal/: changed code is measured again.
+TIMED_DOCUMENTS = [ROOT / "README.md", ROOT / "tutorial" / "07_toy_model.md",
+                   ROOT / "tutorial" / "08_cost.md"]
+TIMING_WINDOW = 12
+TIMING = re.compile(r"(?<![\w.])\d+(?:\.\d+)?\s?(?:ms|µs|s|min|minutes?|seconds?|hours?)\b"
+                    r"|(?<!≤ )(?<![\w.])\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?×")
+TIME_UNIT = re.compile(r"(?<![\w'’])(?:ms|µs|s|min|minutes)\b")
+MARKER = re.compile(r"measured\s+(\d{4}-\d{2}-\d{2})\s+with\s+torch\s+(\d+\.\d+\.\d+)(?:\+\w+)?")
+COMMAND = re.compile(r"`(?:time\s+)?python\s+(-m\s+[\w.]+|\.ci/[\w.]+)([^`]*)`")
+
+
+def prose_lines(text):
+    """[(line number, line, first line of its paragraph or table, whether it is a row of a
+    table with times)] for the lines outside ``` blocks."""
+    lines, fenced, timed_table, start = [], False, False, 1
+    previous = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        if not previous.strip() or previous.startswith("|") != line.startswith("|"):
+            start = number  # a paragraph or a table begins
+            timed_table = line.startswith("|") and bool(TIME_UNIT.search(line))  # its header
+        previous = line
+        lines.append((number, line, start, timed_table and bool(re.search(r"\d", line))))
+    return lines
+
+
+def command_problem(module, options):
+    """Why the command `python {module} {options}` would not run as written, or None."""
+    if module.startswith(".ci/"):
+        return None if (ROOT / module).is_file() else f"{module} does not exist"
+    name = module.removeprefix("-m").strip()
+    path = ROOT / Path(*name.split("."))
+    if not (path.with_suffix(".py").is_file() or (path / "__main__.py").is_file()):
+        return f"no module {name}"
+    parser_module = name if path.with_suffix(".py").is_file() else f"{name}.__main__"
+    parse_args = getattr(importlib.import_module(parser_module), "parse_args", None)
+    if parse_args is not None:
+        try:
+            parse_args(shlex.split(options))
+        except SystemExit:
+            return f"{name} refuses the options {options.strip()!r}"
+    return None
+
+
+def code_last_changed():
+    """The date of the last commit that changed dora_minimal/, or None without a full history."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        if git("rev-parse", "--is-shallow-repository") != "false":
+            return None
+        day = git("log", "-1", "--format=%cs", "--", "dora_minimal")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return date.fromisoformat(day) if day else None
+
+
+def test_ci_pins_the_torch_the_timings_name():
+    assert re.search(r"torch==(\d+\.\d+\.\d+)", (ROOT / ".ci" / "run").read_text())
+
+
+@pytest.mark.parametrize("path", TIMED_DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_published_timing_is_dated_with_its_torch_and_command(path):
+    tested_torch = re.search(r"torch==(\d+\.\d+\.\d+)", (ROOT / ".ci" / "run").read_text())[1]
+    changed = code_last_changed()
+    text = path.read_text()
+    all_lines = text.splitlines()
+    for number, line, start, table_row in prose_lines(text):
+        if not (TIMING.search(line) or table_row):
+            continue
+        # the lines around it, and around the start of its paragraph or table
+        window = "\n".join(all_lines[max(0, start - 1 - TIMING_WINDOW):number + TIMING_WINDOW])
+        where = f"{path.name}:{number}: {line.strip()[:70]!r}"
+        if "not measured" in window:
+            continue
+        markers = MARKER.findall(window)
+        assert markers, (f"{where} has a number measured without a 'measured YYYY-MM-DD with "
+                         f"torch {tested_torch}' marker within {TIMING_WINDOW} lines")
+        for day, version in markers:
+            assert date.fromisoformat(day) <= date.today(), f"{where}: measured in the future"
+            assert changed is None or date.fromisoformat(day) >= changed, (
+                f"{where}: measured {day}, but dora_minimal/ changed on {changed}: measure it "
+                f"again")
+            assert version == tested_torch, (f"{where}: measured with torch {version}, but CI "
+                                             f"tests torch {tested_torch}: measure it again")
+        commands = COMMAND.findall(window)
+        assert commands, f"{where}: no `python ...` command within {TIMING_WINDOW} lines"
+        for module, options in commands:
+            problem = command_problem(module, options)
+            assert problem is None, f"{where}: the command `python {module}{options}`: {problem}"

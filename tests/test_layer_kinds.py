@@ -161,6 +161,73 @@ def test_dora_scale_under_vmap_and_grad_equals_the_loop():
     assert rel_error(batched.detach(), looped.detach()) < 1e-12
 
 
+@pytest.mark.parametrize("norm_in_blocks", [False, True])
+@pytest.mark.parametrize("frozen", [None, "lora_A", "lora_B"])
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_dora_function_applied_directly_gives_each_mode_its_gradients(detach_norm, frozen,
+                                                                     norm_in_blocks, monkeypatch):
+    """DoRAFunction.apply as chapter 6 calls it, A and B not detached: with the norm detached
+    they get no gradient through it (Eq. 11), in exact mode each gets its norm path even when the
+    other is frozen (Eq. 6); also with V' formed two rows at a time, as a large layer forms it,
+    and differentiated twice (a gradient penalty sees the norm as the mode has it)."""
+    from dora_minimal.core import DoRAFunction, linear_lora_output
+    if norm_in_blocks:  # blocks of 2 rows of V' (4 rows: two blocks)
+        monkeypatch.setattr("dora_minimal.core.NORM_BLOCK_ELEMENTS", 2 * 6)
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    W0 = torch.randn(4, 6, dtype=torch.float64)
+    A, B, m = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 6), (4, 2), (4,)))
+    A.requires_grad_(frozen != "lora_A")
+    B.requires_grad_(frozen != "lora_B")
+    m.requires_grad_()
+    trained = [t for t in (A, B, m) if t.requires_grad]
+    G = torch.randn(5, 4, dtype=torch.float64)
+    y0 = linear_lora_output(x, W0, A, B, 1.5)
+    y = DoRAFunction.apply(y0, W0, A, B, m, None, 1.5, detach_norm, 0)
+    V = W0 + 1.5 * B @ A  # the textbook: Eq. 5 under autograd
+    norm = V.norm(dim=1, keepdim=True)
+    y_textbook = x @ (m[:, None] * V / (norm.detach() if detach_norm else norm)).T
+    for output in (y, y_textbook):
+        grads = torch.autograd.grad(output, trained, G, create_graph=True)
+        penalty = sum(g.square().sum() for g in grads)
+        results = [*grads, *torch.autograd.grad(penalty, trained)]
+        if output is y:
+            ours = results
+    for a, b in zip(ours, results):
+        assert rel_error(a.detach(), b.detach()) < 1e-12
+
+
+def test_fp16_outputs_and_gradients_keep_their_dtypes_and_do_not_overflow():
+    """y in y0's dtype; Σ G ⊙ y0 in float32, where fp16's products would overflow (> 65504)."""
+    from dora_minimal.core import DoRAFunction
+    y0, W0, A, B, m, bias = random_scale_inputs(trailing_dims=0, out=3, inner=4)
+    y0 = (300 * y0.detach().sign()).half().requires_grad_()  # G ⊙ y0 = 9e4 > 65504
+    W0, A, B, bias = W0.half(), A.detach().half(), B.detach().half(), bias.detach().half()
+    m = m.detach().float().requires_grad_()
+    y = DoRAFunction.apply(y0, W0, A, B, m, bias, 1.5, True, 0)
+    assert y.dtype == torch.float16
+    G = torch.full_like(y, 300.0)
+    grad_m, = torch.autograd.grad(y, m, G)
+    norm = (W0.double() + 1.5 * B.double() @ A.double()).norm(dim=1)
+    expected = (G.double() * y0.detach().double()).sum(0) / norm  # Eq. 7
+    assert grad_m.dtype == torch.float32 and torch.isfinite(grad_m).all()
+    assert rel_error(grad_m.double(), expected) < 1e-3
+
+
+def test_exact_mode_in_bf16_is_the_float64_gradient_to_bf16_precision():
+    """The exact mode's norm path with bf16 weights: V' and its norm in float32, A and B too."""
+    y0, W0, A, B, m, _ = random_scale_inputs(trailing_dims=0, out=6, inner=8, r=3)
+    G = torch.randn_like(y0)
+    grads = {}
+    for dtype in (torch.bfloat16, torch.float64):
+        W, a, b = (t.detach().to(dtype).requires_grad_(t.requires_grad) for t in (W0, A, B))
+        y = dm.dora_scale(y0.detach().to(dtype), W, a, b, m, 1.5, None, False)
+        grads[dtype] = torch.autograd.grad(y, (a, b), G.to(dtype))
+    for low, exact in zip(*grads.values()):
+        assert low.dtype == torch.bfloat16
+        assert rel_error(low.double(), exact) < 2e-2
+
+
 @pytest.mark.parametrize("detach_norm", [True, False])
 def test_a_convolution_is_the_reference_dora_on_its_flattened_weight(detach_norm):
     """Unfold each input patch to a token of in·k values: the convolution's DoRA is then

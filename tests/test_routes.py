@@ -1,11 +1,14 @@
 """Each named route of dora_minimal.routes is the core (dora_minimal.core) computed another way:
-the same output and gradients in float64, in both detach_norm modes, to ~1e-12."""
+the same output and gradients in float64, in both detach_norm modes, to ~1e-12. And LoRA's output
+(core.linear_lora_output, which the core's y0 and a LoRA layer share) is Eq. 1 with its bias."""
+
+import numpy as np
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from dora_minimal import dora_linear, routes
+from dora_minimal import dora_linear, lora_linear, routes
 from helpers import ROW_KINDS, problems, rel_error
 
 # (the eval route forms W' when tokens >= in; bias and a separate adapter input vary too)
@@ -97,3 +100,18 @@ def test_a_routes_backward_differentiated_again_or_batched_is_the_cores(route, d
         results.append([*penalty, *batched])
     for a, b in zip(*results):
         assert rel_error(a.detach().numpy(), b.detach().numpy()) < 1e-12
+
+
+@given(p=problems(), dropout=st.booleans())
+def test_loras_output_is_eq_1_with_its_bias(p, dropout):
+    """y = x W0^T + b + s·(x_a A^T) B^T (Eq. 1) for any batch shape, x_a a separate adapter
+    input or x; always with a bias (dora_linear adds its bias after the scale, so only LoRA's
+    output passes one to linear_lora_output)."""
+    bias = p.bias if p.bias is not None else np.linspace(-1.0, 2.0, p.W0.shape[0])
+    x_a = 2 * p.x * (p.x > 0) if dropout else p.x  # a fixed stand-in for dropout(x)
+    base, update = p.x @ p.W0.T + bias, p.scaling * (x_a @ p.A.T) @ p.B.T  # (..., out)
+    y = lora_linear(*(torch.from_numpy(a) for a in (p.x, p.W0, p.A, p.B)), p.scaling,
+                    torch.from_numpy(bias), lora_input=torch.from_numpy(x_a) if dropout else None)
+    assert y.shape == base.shape
+    scale = np.abs(base).max(initial=0.0) + np.abs(update).max(initial=0.0)
+    assert rel_error(y.numpy(), base + update, scale=scale) < 1e-12
