@@ -310,7 +310,7 @@ class AdaptedLayer(nn.Module):
                 _check_row_norms(type(self).__name__, weight, norm)
         return norm
 
-    # --- .to() and loading (nothing derived from the parameters is kept, but cached_scale's) --
+    # --- .to() and loading: nothing derived from the parameters is kept but cached_scale's c ---
 
     def _apply(self, fn, recurse=True):
         """.to(), .cuda(), .half(), to_empty(), ...: as nn.Module, except that the magnitude keeps

@@ -307,11 +307,13 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens per call")
     parser.add_argument("--generate-rounds", type=int, default=5,
                         help="--generate: timed rounds (median is reported)")
+    parser.add_argument("--generate-width", type=int, default=256,
+                        help="--generate: the models' hidden size (4 heads, 4 layers)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the accuracy check of DoRA against float64")
     args = parser.parse_args(argv)
     check_command_line(parser, args, ("in_features", "out_features", "tokens", "rank", "repeat",
-                                      "new_tokens", "generate_rounds"))
+                                      "new_tokens", "generate_rounds", "generate_width"))
     for name in ("decode_sizes", "decode_tokens"):
         if min(getattr(args, name)) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected integers >= 1, "

@@ -8,13 +8,12 @@
             ratio is to the frozen layer at the same T; MiB: the peak memory a call adds, and
             what the variant holds between calls (a cache).
 --generate  transformers' generate() (greedy, --new-tokens tokens) of a tiny GPT-2 and a tiny
-            Llama with LoRA or DoRA on every linear layer (r = --rank): tokens per second of LoRA,
-            DoRA uncached, DoRA inside cached_scale and the merged model, and whether each
-            generates the merged model's tokens.
+            Llama (4 layers of --generate-width) with LoRA or DoRA on every linear layer
+            (r = --rank): tokens per second of LoRA, DoRA uncached, DoRA inside cached_scale and
+            the merged DoRA model, and whether each generates the merged model's tokens.
 """
 
 import copy
-import time
 
 import torch
 
@@ -72,8 +71,8 @@ def decode_rows(args, size, tokens_list, device, dtype):
     layers.update(peft_layers)
     for layer in layers.values():
         layer.eval()
-    # fewer rounds for larger layers: the uncached DoRA calls dominate the run
-    repeat = max(5, args.repeat * 1024**2 // size**2)
+    # fewer rounds above 1024 (a sixteenth at 4096): the uncached DoRA calls dominate the run
+    repeat = max(7, args.repeat * 1024**2 // max(size, 1024)**2)
     rows = []
     with torch.no_grad(), cached_scale(cached):
         for tokens in tokens_list:
@@ -120,7 +119,8 @@ def format_decode(result):
         block = [r for r in rows if r["size"] == size]
         tokens_list = list(dict.fromkeys(r["tokens"] for r in block))
         lines.append(f"\n{size} x {size}   " + "".join(
-            f"{f'T={t}: ms':>12}{'x frozen':>9}{'MiB':>7}" for t in tokens_list) + f"{'held MiB':>10}")
+            f"{f'T={t}: ms':>12}{'x frozen':>9}{'MiB':>7}" for t in tokens_list)
+            + f"{'held MiB':>10}")
         for variant in dict.fromkeys(r["variant"] for r in block):
             cells = {r["tokens"]: r for r in block if r["variant"] == variant}
             lines.append(f"{variant:<18}" + "".join(
@@ -136,15 +136,15 @@ def format_decode(result):
 
 # --- generate() --------------------------------------------------------------------------------
 
-def tiny_models():
-    """{name: a tiny transformers causal LM}: GPT-2 and Llama, 4 layers of width 256."""
+def tiny_models(width):
+    """{name: a tiny transformers causal LM}: GPT-2 and Llama, 4 layers of `width`."""
     import transformers as T
     torch.manual_seed(0)
-    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=1000, n_positions=128, n_embd=256,
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=1000, n_positions=128, n_embd=width,
                                           n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0))
     torch.manual_seed(0)
-    llama = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=1000, hidden_size=256,
-                                             intermediate_size=512, num_hidden_layers=4,
+    llama = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=1000, hidden_size=width,
+                                             intermediate_size=2 * width, num_hidden_layers=4,
                                              num_attention_heads=4, num_key_value_heads=4))
     return {"gpt2": gpt2, "llama": llama}
 
@@ -155,7 +155,7 @@ def generate_rows(args):
     rows, clock = [], timer(device)
     options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                    do_sample=False, pad_token_id=0)
-    for name, base in tiny_models().items():
+    for name, base in tiny_models(args.generate_width).items():
         base = base.to(device=device, dtype=dtype).eval()
         models = {}
         for use_dora in (False, True):
@@ -184,18 +184,21 @@ def generate_rows(args):
                     times[v].append(clock(call))
         for v in calls:
             ms = sorted(times[v])[len(times[v]) // 2]
+            same = None if v == "lora" else bool(torch.equal(tokens[v], tokens["merged"]))
             rows.append({"model": name, "variant": v, "tokens_per_s": 1e3 * args.new_tokens / ms,
-                         "same_as_merged": bool(torch.equal(tokens[v], tokens["merged"]))})
+                         "same_as_merged": same})
     return rows
 
 
 def format_generate(rows, args):
-    lines = [f"\ngenerate(): {args.new_tokens} new tokens, greedy, batch 1, every linear layer "
-             f"adapted, r={args.rank}, {args.dtype}; median of {args.generate_rounds} rounds",
-             f"{'model':<8}{'variant':<14}{'tokens/s':>10}{'x LoRA':>8}  same tokens as merged"]
+    lines = [f"\ngenerate(): {args.new_tokens} new tokens, greedy, batch 1, 4 layers of width "
+             f"{args.generate_width}, every linear layer adapted, r={args.rank}, {args.dtype}; "
+             f"median of {args.generate_rounds} rounds",
+             f"{'model':<8}{'variant':<14}{'tokens/s':>10}{'x LoRA':>8}  "
+             f"same tokens as the merged DoRA model"]
     for row in rows:
         lora = next(r for r in rows if r["model"] == row["model"] and r["variant"] == "lora")
         lines.append(f"{row['model']:<8}{row['variant']:<14}{row['tokens_per_s']:>10.1f}"
                      f"{row['tokens_per_s'] / lora['tokens_per_s']:>8.2f}  "
-                     f"{'yes' if row['same_as_merged'] else 'NO'}")
+                     f"{ {None: '-', True: 'yes', False: 'NO'}[row['same_as_merged']]}")
     return "\n".join(lines)

@@ -38,11 +38,11 @@ class cached_scale:
     runs without recording gradients computes its scale c = m / ‖W0 + s·B A‖_c once and reuses
     it, until something it depends on changes.
 
-    Used where autograd records nothing (torch.no_grad(), torch.inference_mode()), not under
-    torch.compile (traced code computes c on every call, as outside), and for a DoRALinear only
-    without torch.autocast. Every other call, a training step inside the block included,
-    computes exactly as outside it, so gradients are never affected. Outside the block nothing
-    is cached.
+    Used by calls made with gradients off (torch.no_grad(), torch.inference_mode(); generate()
+    turns them off itself), not under torch.compile (traced code computes c on every call, as
+    outside), and for a DoRALinear only without torch.autocast. Every other call, a training
+    step inside the block included, computes exactly as outside it, so gradients are never
+    affected. Outside the block nothing is cached.
 
     c is computed again at the next call after: an in-place write to weight, lora_A, lora_B or
     magnitude (an optimizer step, load_state_dict, merge()/unmerge(), reset_magnitude(), a

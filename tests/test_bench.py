@@ -110,10 +110,11 @@ def test_bench_decode_prints_every_variant_at_every_size_and_token_count(tmp_pat
 def test_bench_generate_times_and_compares_tokens(capsys):
     pytest.importorskip("transformers")
     bench.main(["--generate", "--new-tokens", "2", "--generate-rounds", "1", "--rank", "2",
-                "--dtype", "float64"])
+                "--generate-width", "8", "--dtype", "float64"])
     lines = capsys.readouterr().out.splitlines()
     table = {tuple(line.split()[:2]): line.split()[2:] for line in lines[3:]}
     for model in ("gpt2", "llama"):
         for variant in ("lora", "dora", "dora-cached", "merged"):
-            assert table[model, variant][-1] == "yes"  # float64: the merged model's tokens
             assert float(table[model, variant][0]) > 0
+            # float64: the merged DoRA model's tokens (LoRA's adapter is another one)
+            assert table[model, variant][-1] == ("-" if variant == "lora" else "yes")
