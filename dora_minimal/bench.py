@@ -294,6 +294,8 @@ def parse_args(argv=None):
     parser.add_argument("--compare-routes", action="store_true",
                         help="add a row 'dora@NAME' for each route, forced")
     parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (torch.set_num_threads; default: torch's)")
     parser.add_argument("--decode", action="store_true",
                         help="instead: the eval table of one layer at T tokens per call, cached "
                              "and merged DoRA included (dora_minimal.bench_decode)")
@@ -314,6 +316,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_command_line(parser, args, ("in_features", "out_features", "tokens", "rank", "repeat",
                                       "new_tokens", "generate_rounds", "generate_width"))
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
     for name in ("decode_sizes", "decode_tokens"):
         if min(getattr(args, name)) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected integers >= 1, "
@@ -323,6 +327,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.decode or args.generate:
         return main_decode(args)
     result = run(args)

@@ -106,7 +106,8 @@ class ScaleCache:
         self.clear()
 
     def clear(self):
-        self.scale = self.state = self.refs = None
+        self.scale = self.state = None
+        self.refs = (lambda: None,) * 4  # (no object is None)
 
     def __deepcopy__(self, memo):
         return None
@@ -122,14 +123,16 @@ def cached_scale_of(layer, weight, lora_A, lora_B, magnitude):
     cache = layer._scale_cache
     if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    tensors = (weight, lora_A, lora_B, magnitude)
     # version counters (in-place writes), storages (replaced data) and the objects themselves
     state = (layer.scaling, _optimizer_steps, weight._version, lora_A._version, lora_B._version,
              magnitude._version, weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr(),
              magnitude.data_ptr())
-    if state != cache.state or any(ref() is not t for ref, t in zip(cache.refs, tensors)):
+    refs = cache.refs
+    if (state != cache.state or refs[0]() is not weight or refs[1]() is not lora_A
+            or refs[2]() is not lora_B or refs[3]() is not magnitude):
         cache.scale = layer_scale(layer)
-        cache.state, cache.refs = state, [weakref.ref(t) for t in tensors]
+        cache.state = state
+        cache.refs = [weakref.ref(t) for t in (weight, lora_A, lora_B, magnitude)]
     return cache.scale
 
 
