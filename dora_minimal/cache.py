@@ -66,7 +66,7 @@ class cached_scale:
                             f"{type(model).__name__}")
         self.layers = [layer for layer in model.modules()
                        if isinstance(layer, AdaptedLayer) and layer.use_dora]
-        self._installed = []
+        self._installed = []  # per open block of this object: the layers it gave a cache
 
     def __enter__(self):
         global _hook, _active
@@ -74,16 +74,16 @@ class cached_scale:
             _hook = register_optimizer_step_post_hook(_count_step)
         _active += 1
         # a layer already cached by an enclosing block keeps that block's cache
-        self._installed = [layer for layer in self.layers if layer._scale_cache is None]
-        for layer in self._installed:
+        installed = [layer for layer in self.layers if layer._scale_cache is None]
+        for layer in installed:
             layer._scale_cache = ScaleCache()
+        self._installed.append(installed)
         return self
 
     def __exit__(self, *exc):
         global _hook, _active
-        for layer in self._installed:
+        for layer in self._installed.pop():
             layer._scale_cache = None
-        self._installed = []
         _active -= 1
         if _active == 0:
             _hook.remove()

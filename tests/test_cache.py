@@ -234,6 +234,12 @@ def test_a_model_nested_blocks_copies_and_lora_layers():
         assert cache_module._hook is not None
     assert model[0]._scale_cache is None and model[2]._scale_cache is None
     assert cache_module._hook is None  # no optimizer hook left behind
+    block = dm.cached_scale(model)
+    with block:
+        with block:  # the same object entered twice
+            pass
+        assert model[0]._scale_cache is not None
+    assert model[0]._scale_cache is None
     with pytest.raises(TypeError, match="model: expected an nn.Module"):
         dm.cached_scale(torch.zeros(3))
 
