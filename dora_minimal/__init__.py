@@ -5,6 +5,7 @@
     routes       the same computed another way where that is faster: merged_weight, blocked
     functional   dora_linear, lora_linear, dora_scale: the functional forms, with their checks
     base         AdaptedLayer: what every adapted layer shares (merge, state, PEFT keys)
+    cache        cached_scale: DoRA's scale computed once while the adapter is only used
     layer        DoRALinear: an nn.Linear with a LoRA or DoRA adapter
     conv, embedding, gpt2_conv1d   DoRAConv1d/2d/3d, DoRAEmbedding, DoRAConv1D (transformers')
     adapters     LoraConfig, inject_adapters (get_peft_model), merge_adapters, reset_magnitude
@@ -25,6 +26,7 @@ _NAMES = {
     "DoRAFunction": "core",
     "dora_linear": "functional", "lora_linear": "functional", "dora_scale": "functional",
     "AdaptedLayer": "base",
+    "cached_scale": "cache",
     "DoRALinear": "layer",
     "DoRAConv1d": "conv", "DoRAConv2d": "conv", "DoRAConv3d": "conv",
     "DoRAEmbedding": "embedding",

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .cache import cached_scale_of, scale_output
 from .checks import check_bool, check_dropout, check_positive, check_rank
 from .core import accumulation_dtype, adapted_row_norm, divide_or_zero, row_blocks
 from .functional import autocast_dtype, dora_scale
@@ -69,6 +70,7 @@ class AdaptedLayer(nn.Module):
     PEFT_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
                  "magnitude": "lora_magnitude_vector"}
     _adapter_off = 0  # how many disable_adapter blocks hold this layer (dora_minimal.disable)
+    _scale_cache = None  # inside dora_minimal.cached_scale: the layer's ScaleCache
 
     def __init__(self, r, lora_alpha, lora_dropout, use_dora, detach_norm, bias, dtype):
         super().__init__()
@@ -309,7 +311,7 @@ class AdaptedLayer(nn.Module):
                 _check_row_norms(type(self).__name__, weight, norm)
         return norm
 
-    # --- no cache: every value derived from the parameters is computed when it is used --------
+    # --- .to() and loading: nothing derived from the parameters is kept but cached_scale's c ---
 
     def _apply(self, fn, recurse=True):
         """.to(), .cuda(), .half(), to_empty(), ...: as nn.Module, except that the magnitude keeps
@@ -329,6 +331,8 @@ class AdaptedLayer(nn.Module):
                     setattr(magnitude, name, source.to(device=new.device, dtype=acc))
         if self._merged_norm is not None:  # stays float64, follows the weight's device
             self._merged_norm = self._merged_norm.to(self.weight.device)
+        if self._scale_cache is not None:  # (a storage freed here may be reused)
+            self._scale_cache.clear()
         return self
 
     # --- loading: all or nothing, per layer --------------------------------------------------
@@ -452,6 +456,10 @@ class AdaptedLayer(nn.Module):
         if not self.use_dora:  # LoRA: y = base(x; W0) + b + s·B(A(drop(x)))
             return self._base_op(x, self.weight, self.bias) + lora
         y0 = self._base_op(x, self.weight, None) + lora
+        if self._scale_cache is not None:  # inside cached_scale: c from the cache, if it serves
+            c = cached_scale_of(self, self.weight, self.lora_A, self.lora_B, self.magnitude)
+            if c is not None:
+                return scale_output(y0, c, self.bias, self.TRAILING_DIMS)
         A, B = self._lora_views()
         return dora_scale(y0, self._weight_view(self.weight), A, B, self.magnitude, self.scaling,
                           self.bias, self.detach_norm, self.TRAILING_DIMS)

@@ -294,20 +294,63 @@ def parse_args(argv=None):
     parser.add_argument("--compare-routes", action="store_true",
                         help="add a row 'dora@NAME' for each route, forced")
     parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (torch.set_num_threads; default: torch's)")
+    parser.add_argument("--decode", action="store_true",
+                        help="instead: the eval table of one layer at T tokens per call, cached "
+                             "and merged DoRA included (dora_minimal.bench_decode)")
+    parser.add_argument("--generate", action="store_true",
+                        help="instead (or after --decode): generate() tokens/s of a tiny GPT-2 "
+                             "and Llama (needs transformers)")
+    parser.add_argument("--decode-sizes", type=int, nargs="+", default=[1024, 4096],
+                        metavar="N", help="--decode: in = out = N for each N")
+    parser.add_argument("--decode-tokens", type=int, nargs="+", default=[1, 8, 64],
+                        metavar="T", help="--decode: tokens per call")
+    parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens per call")
+    parser.add_argument("--generate-rounds", type=int, default=5,
+                        help="--generate: timed rounds (median is reported)")
+    parser.add_argument("--generate-width", type=int, default=256,
+                        help="--generate: the models' hidden size (4 heads, 4 layers)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the accuracy check of DoRA against float64")
     args = parser.parse_args(argv)
-    check_command_line(parser, args, ("in_features", "out_features", "tokens", "rank", "repeat"))
+    check_command_line(parser, args, ("in_features", "out_features", "tokens", "rank", "repeat",
+                                      "new_tokens", "generate_rounds", "generate_width"))
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
+    for name in ("decode_sizes", "decode_tokens"):
+        if min(getattr(args, name)) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected integers >= 1, "
+                         f"got {getattr(args, name)}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.decode or args.generate:
+        return main_decode(args)
     result = run(args)
     print(format_table(result))
     if result["accuracy"]:
         print("DoRA vs float64, relative error: " + ", ".join(
             f"{name} {error:.1e}" for name, error in result["accuracy"].items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def main_decode(args):
+    """--decode and/or --generate: print the tables (and write them to --json)."""
+    from . import bench_decode  # (it imports this module)
+    result = {}
+    if args.decode:
+        result["decode"] = bench_decode.run_decode(args)
+        print(bench_decode.format_decode(result["decode"]))
+    if args.generate:
+        result["generate"] = bench_decode.generate_rows(args)
+        print(bench_decode.format_generate(result["generate"], args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -19,7 +19,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import AdaptedLayer
+from .cache import cached_scale_of, scale_output
 from .checks import check_positive_int
+from .core import linear_lora_output
 from .functional import (autocast_dtype, dora_linear, dora_linear_checked, lora_forward,
                          lora_linear)
 
@@ -101,6 +103,10 @@ class DoRALinear(AdaptedLayer):
             return dora_linear(x, W, A, B, m, s, bias, self.detach_norm, lora_input=x_a)
         if not self.use_dora:
             return lora_forward(x, W, A, B, s, bias, x_a)
+        if self._scale_cache is not None:  # inside cached_scale: c from the cache, if it serves
+            c = cached_scale_of(self, W, A, B, m)
+            if c is not None:  # y = c ⊙ (x W0^T + s·(x_a A^T) B^T) + b
+                return scale_output(linear_lora_output(x, W, A, B, s, x_a), c, bias)
         return dora_linear_checked(x, x_a, W, A, B, m, bias, s, self.detach_norm)
 
     def _well_formed(self, x, W, A, B, m, bias):

@@ -84,3 +84,37 @@ def test_bench_rejects_bad_options_before_running(capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(["--device", "cuda"])
         assert "--device cuda: torch sees no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_bench_decode_prints_every_variant_at_every_size_and_token_count(tmp_path, capsys):
+    path = tmp_path / "decode.json"
+    bench.main(["--decode", "--decode-sizes", "8", "12", "--decode-tokens", "1", "3", "--rank",
+                "2", "--repeat", "2", "--warmup", "1", "--dtype", "float64", "--json", str(path)])
+    rows = json.loads(path.read_text())["decode"]["rows"]
+    variants = ["frozen", "lora", "dora", "dora-cached", "merged"]
+    try:
+        import peft  # noqa: F401
+        variants += ["peft-lora", "peft-dora", "peft-dora-cached"]
+    except ImportError:
+        pass
+    assert [(r["size"], r["tokens"], r["variant"]) for r in rows] == [
+        (size, tokens, variant) for size in (8, 12) for tokens in (1, 3) for variant in variants]
+    assert all(r["ms"] > 0 for r in rows)
+    held = {(r["size"], r["variant"]): r["held_mib"] for r in rows}
+    assert held[12, "dora-cached"] == 12 * 8 / 2**20  # c: 12 float64 numbers
+    assert held[12, "lora"] == 0
+    printed = capsys.readouterr().out
+    assert "dora-cached" in printed and "DoRA cached / LoRA: T=1" in printed
+
+
+def test_bench_generate_times_and_compares_tokens(capsys):
+    pytest.importorskip("transformers")
+    bench.main(["--generate", "--new-tokens", "2", "--generate-rounds", "1", "--rank", "2",
+                "--generate-width", "8", "--dtype", "float64"])
+    lines = capsys.readouterr().out.splitlines()
+    table = {tuple(line.split()[:2]): line.split()[2:] for line in lines[3:]}
+    for model in ("gpt2", "llama"):
+        for variant in ("lora", "dora", "dora-cached", "merged"):
+            assert float(table[model, variant][0]) > 0
+            # float64: the merged DoRA model's tokens (LoRA's adapter is another one)
+            assert table[model, variant][-1] == ("-" if variant == "lora" else "yes")
