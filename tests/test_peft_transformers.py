@@ -14,6 +14,7 @@ import dora_minimal as dm
 from dora_minimal.adapters import saved_modules
 from helpers import rel_error
 
+pytestmark = pytest.mark.interop  # needs PEFT or transformers: .ci/run checks that none skips
 transformers = pytest.importorskip("transformers")
 T = transformers
 
@@ -187,7 +188,6 @@ def task_output(model, ids):
                                                          output.end_logits])).detach()
 
 
-@pytest.mark.interop
 @pytest.mark.parametrize("family", TASK_MODELS)
 def test_task_heads_train_in_full_and_load_both_ways_with_peft(tmp_path, family):
     peft = pytest.importorskip("peft")
@@ -260,7 +260,6 @@ def test_task_heads_absent_from_the_model_are_skipped_but_a_name_of_the_users_is
 
 # --- PEFT's Auto classes read our directories -------------------------------------------------
 
-@pytest.mark.interop
 @pytest.mark.parametrize("task_type", ["CAUSAL_LM", "SEQ_CLS", None])
 def test_peft_auto_classes_load_our_adapter_with_its_base_from_disk(tmp_path, task_type):
     peft = pytest.importorskip("peft")

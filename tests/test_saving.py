@@ -67,6 +67,7 @@ def test_values_move_to_the_device_of_each_tensor():
         assert value.device.type == "cpu" and torch.equal(value, state[key])
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("safe", [False, True])
 def test_save_pretrained_then_from_pretrained_gives_the_same_model(tmp_path, safe):
     if safe:
@@ -94,6 +95,7 @@ def test_save_pretrained_then_from_pretrained_gives_the_same_model(tmp_path, saf
     assert torch.equal(again(x), source(x))
 
 
+@pytest.mark.interop
 def test_saving_one_kind_removes_a_stale_file_of_the_other(tmp_path):
     pytest.importorskip("safetensors")
     model = trained(dm.inject_adapters(toy_model(), CONFIG))
@@ -214,6 +216,7 @@ def train_steps(model, steps=3, seed=3):
     return model
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("safe", [True, False])
 @pytest.mark.parametrize("use_dora", [True, False])
 def test_peft_loads_what_save_pretrained_writes(tmp_path, safe, use_dora):
@@ -231,6 +234,7 @@ def test_peft_loads_what_save_pretrained_writes(tmp_path, safe, use_dora):
     assert sorted(peft.get_peft_model_state_dict(theirs)) == sorted(dm.to_peft_state_dict(ours))
 
 
+@pytest.mark.interop
 def test_peft_and_we_read_each_others_rank_and_alpha_patterns(tmp_path):
     peft = pytest.importorskip("peft")
     pytest.importorskip("safetensors")
@@ -249,6 +253,7 @@ def test_peft_and_we_read_each_others_rank_and_alpha_patterns(tmp_path):
     assert rel_error(ours(x).detach().numpy(), theirs(x).detach().numpy()) < 1e-13
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("safe", [True, False])
 @pytest.mark.parametrize("use_dora", [True, False])
 def test_from_pretrained_loads_what_peft_saves(tmp_path, safe, use_dora):
@@ -269,6 +274,7 @@ def test_from_pretrained_loads_what_peft_saves(tmp_path, safe, use_dora):
     assert rel_error(ours(x).detach().numpy(), theirs(x).detach().numpy()) < 1e-13
 
 
+@pytest.mark.interop
 def test_a_transformers_model_both_ways_with_peft(tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
@@ -323,6 +329,7 @@ def test_a_state_dict_holds_tensors_only_and_a_merged_layer_reloads_and_unmerges
     assert torch.equal(fresh.weight, layer.weight) and torch.equal(fresh(x), layer(x))
 
 
+@pytest.mark.interop
 @torch.no_grad()
 def test_safetensors_saves_and_loads_a_whole_adapted_model_merged_or_not(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
@@ -429,6 +436,7 @@ MALFORMED = {  # what is written in place of the saved config or weights: the er
 
 @pytest.mark.parametrize("case, safe", [(case, False) for case in MALFORMED] + [
     (case, True) for case in ("weights truncated", "weights empty", "weights missing")])
+@pytest.mark.interop
 def test_a_saved_file_of_the_wrong_type_is_our_error_and_changes_nothing(tmp_path, case, safe):
     if safe:
         pytest.importorskip("safetensors")
