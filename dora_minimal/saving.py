@@ -258,13 +258,17 @@ def _safetensors():
     return safetensors.torch
 
 
-# the type each field of adapter_config.json must have where it is set (None is PEFT's default)
+# the type each field of adapter_config.json must have where it is set
 _FIELD_TYPES = {"peft_type": (str,), "r": (int,), "lora_alpha": (int, float),
                 "lora_dropout": (int, float), "target_modules": (str, list),
                 "use_dora": (bool,), "fan_in_fan_out": (bool,), "bias": (str,),
                 "task_type": (str,), "modules_to_save": (list,), "rank_pattern": (dict,),
                 "alpha_pattern": (dict,), "inference_mode": (bool,),
                 "base_model_name_or_path": (str,), "revision": (str,)}
+# the fields that PEFT writes null for "not set"; a null in any other is an error (PEFT never
+# writes one there), while a field that is left out takes PEFT's default
+_NULLABLE = ("target_modules", "task_type", "modules_to_save", "rank_pattern", "alpha_pattern",
+             "base_model_name_or_path", "revision")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list",
                bool: "true or false", dict: "an object"}
 
@@ -279,9 +283,10 @@ def _read_json(path):
         raise ValueError(f"from_pretrained: {path} should hold a JSON object of LoraConfig "
                          f"fields, but holds a {type(saved).__name__}")
     for field, types in _FIELD_TYPES.items():
-        value = saved.get(field)
-        wrong = value is not None and (not isinstance(value, types) or (
-            isinstance(value, bool) and bool not in types))
+        if field not in saved or (saved[field] is None and field in _NULLABLE):
+            continue
+        value = saved[field]
+        wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
         if wrong:
             expected = " or ".join(_TYPE_NAMES[t] for t in types)
             raise ValueError(f"from_pretrained: {path} field {field!r}: expected {expected}, "

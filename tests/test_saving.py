@@ -414,6 +414,12 @@ MALFORMED = {  # what is written in place of the saved config or weights: the er
     "r '8'": ("config", {"r": "8"}, r"'r': expected an integer, got \"8\""),
     "r true": ("config", {"r": True}, r"'r': expected an integer, got true"),
     "r 0": ("config", {"r": 0}, r"adapter_config.json: r"),
+    "r null": ("config", {"r": None}, r"'r': expected an integer, got null"),
+    "lora_alpha null": ("config", {"lora_alpha": None}, r"'lora_alpha': expected an integer or "
+                        r"a number, got null"),
+    "use_dora null": ("config", {"use_dora": None}, r"'use_dora': expected true or false, got "
+                      r"null"),
+    "target_modules null": ("config", {"target_modules": None}, r"names no target_modules"),
     "lora_alpha '16'": ("config", {"lora_alpha": "16"}, r"'lora_alpha': expected an integer or "
                         r"a number"),
     "lora_dropout 2": ("config", {"lora_dropout": 2}, r"adapter_config.json: lora_dropout"),
