@@ -12,7 +12,6 @@ can be adapted, by which adapter layer, and under which PEFT keys its tensors ar
 """
 
 import re
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence, Union
@@ -426,20 +425,27 @@ WHOLE_MODEL_SAVE = (
     "model with the adapters merged in")
 
 
-def _save_pretrained_with_warning(model, *args, **kwargs):
+class _SavePretrainedWithWarning:
     """A transformers model's own save_pretrained (Trainer.save_model and its checkpoints call
-    it), with WHOLE_MODEL_SAVE warned while the model has adapter layers."""
-    if adapter_layers(model):
-        warnings.warn(WHOLE_MODEL_SAVE, UserWarning, stacklevel=2)
-    return type(model).save_pretrained(model, *args, **kwargs)
+    it), with WHOLE_MODEL_SAVE warned while the model has adapter layers. An object holding
+    the model, not a closure: copy.deepcopy and pickle (torch.save of the whole model) copy it
+    with the model, so a copy saves itself."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        if adapter_layers(self.model):
+            warnings.warn(WHOLE_MODEL_SAVE, UserWarning, stacklevel=2)
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)
 
 
 def _warn_on_whole_model_save(model):
     """Give a transformers model (one with a config and a save_pretrained method) an instance
-    save_pretrained that warns first (a bound method: copy.deepcopy rebinds it to the copy)."""
+    save_pretrained that warns first."""
     if getattr(model, "config", None) is not None and callable(
             getattr(type(model), "save_pretrained", None)):
-        model.save_pretrained = types.MethodType(_save_pretrained_with_warning, model)
+        model.save_pretrained = _SavePretrainedWithWarning(model)
 
 
 def saved_modules(model):
@@ -476,8 +482,7 @@ def merge_adapters(model):
     for _, module in saved_modules(model):
         delattr(module, TRAINED_IN_FULL)
     vars(model).pop(ADAPTED_MODEL, None)
-    if getattr(vars(model).get("save_pretrained"), "__func__", None) is \
-            _save_pretrained_with_warning:
+    if isinstance(vars(model).get("save_pretrained"), _SavePretrainedWithWarning):
         del model.save_pretrained  # the class's own again
     return model
 

@@ -4,6 +4,7 @@ trained in full (modules_to_save) saved and loaded both ways. Skipped where tran
 PEFT, accelerate, safetensors for the tests that need them) is not installed."""
 
 import copy
+import io
 import json
 import warnings
 
@@ -321,6 +322,12 @@ def test_the_whole_models_save_pretrained_warns_that_from_pretrained_drops_the_a
     key = "model.layers.0.self_attn.q_proj.lora_B"
     assert not load_file(tmp_path / "copied" / "model.safetensors")[key].any()
     assert load_file(tmp_path / "adapted" / "model.safetensors")[key].any()
+    buffer = io.BytesIO()  # the whole model pickled (torch.save) and back: still saves itself
+    torch.save(copied, buffer)
+    unpickled = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    with pytest.warns(UserWarning, match="drops those tensors"):
+        unpickled.save_pretrained(tmp_path / "unpickled")
+    assert not load_file(tmp_path / "unpickled" / "model.safetensors")[key].any()
     # the right ways: the adapter in PEFT's files, or a plain model with the adapter merged in
     dm.save_pretrained(model, tmp_path / "adapter")
     loaded = dm.from_pretrained(tiny_llama(), tmp_path / "adapter")
