@@ -45,11 +45,19 @@ ADAPTER_KINDS = (
     AdapterKind(DoRAEmbedding, linear=False),
 )
 ALL_LINEAR = "all-linear"
-# the heads PEFT adds to modules_to_save for a task_type: trained in full, never adapted
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+# PEFT's task types (peft.TaskType); None: no task head
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+              "FEATURE_EXTRACTION")
+# the heads PEFT (0.22) adds to modules_to_save for a task_type: trained in full, never adapted,
+# each only where the model has it (DistilBERT's pre_classifier is a new, random layer too)
+_CLASSIFIER_HEADS = ("classifier", "score", "pre_classifier")
+TASK_HEADS = {"SEQ_CLS": _CLASSIFIER_HEADS, "TOKEN_CLS": _CLASSIFIER_HEADS,
               "QUESTION_ANS": ("qa_outputs",)}
 # a module trained in full (modules_to_save) carries this attribute: the config's task_type
 TRAINED_IN_FULL = "_dora_minimal_modules_to_save"
+# an adapted model carries this attribute: what save_pretrained writes beside the layers
+# ({"task_type", "base_model_name_or_path", "revision"}, PEFT's config fields)
+ADAPTED_MODEL = "_dora_minimal_adapted"
 
 # target_modules=None on a transformers model: what PEFT 0.21.2 adapts for its config.model_type
 # (facts of PEFT's per-model LoRA defaults). A type not listed here has no default there either.
@@ -103,9 +111,13 @@ class LoraConfig:
     rank_pattern / alpha_pattern: {regex: r or lora_alpha} for some layers, PEFT's rule: the
     first key K that matches the end of a layer's name (re.match(rf"(.*\\.)?({K})$", name)).
     modules_to_save: names of modules trained in full (their own weights, no adapter) and saved
-    with the adapter, as in PEFT; task_type "SEQ_CLS" or "TOKEN_CLS" adds "classifier" and
-    "score", "QUESTION_ANS" adds "qa_outputs" (those may be absent from the model). A module
-    to save, and anything inside it, is never adapted. bias is accepted (the bias stays frozen).
+    with the adapter, as in PEFT; task_type "SEQ_CLS" or "TOKEN_CLS" adds "classifier",
+    "score" and "pre_classifier", "QUESTION_ANS" adds "qa_outputs", as PEFT 0.22 does (those
+    may be absent from the model; a name of the user's own that matches no module is a
+    ValueError). A module to save, and anything inside it, is never adapted. task_type is
+    one of PEFT's task types (TASK_TYPES) or None; it, base_model_name_or_path and revision
+    are written to adapter_config.json, where PEFT's AutoPeftModel classes read them.
+    bias is accepted (the bias stays frozen).
     inference_mode=True freezes the adapters too, as in PEFT; init_lora_weights must be True
     (PEFT's default init); fan_in_fan_out is accepted, but the layout follows each layer's type
     (transformers' Conv1D stores (in, out)), which is what PEFT ends up with too.
@@ -124,6 +136,8 @@ class LoraConfig:
     init_lora_weights: bool = True
     fan_in_fan_out: bool = False
     modules_to_save: Optional[Sequence[str]] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
 
     def __post_init__(self):
         check_rank(self.r)
@@ -137,6 +151,12 @@ class LoraConfig:
         if self.init_lora_weights is not True:
             raise ValueError(f"init_lora_weights: only True (PEFT's default init: A Kaiming-"
                              f"uniform, B = 0) is supported, got {self.init_lora_weights!r}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type: expected one of PEFT's task types {list(TASK_TYPES)} "
+                             f"or None, got {self.task_type!r}")
+        for name in ("base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name}: expected a str or None, got {getattr(self, name)!r}")
         saved = self.modules_to_save
         if saved is not None and (isinstance(saved, str) or not all(
                 isinstance(name, str) and name for name in saved)):
@@ -376,17 +396,56 @@ def build_adapters(model, config):
     return adapters
 
 
-def install_adapters(model, adapters, saved=(), task_type=None):
+def install_adapters(model, adapters, saved=(), config=None):
     """Freeze every parameter of the model, put each adapter under all of its names, and make
-    the modules to save ([(names, module)]) trainable, marked as such for save_pretrained."""
+    the modules to save ([(names, module)]) trainable, marked as such for save_pretrained,
+    which also reads the config's task_type, base_model_name_or_path and revision from the
+    model."""
+    config = config or LoraConfig()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for names, adapter in adapters:
         _replace(model, names, adapter)
     for _, module in saved:
         module.requires_grad_(True)
-        setattr(module, TRAINED_IN_FULL, task_type)
+        setattr(module, TRAINED_IN_FULL, config.task_type)
+    setattr(model, ADAPTED_MODEL, {key: getattr(config, key) for key in
+                                   ("task_type", "base_model_name_or_path", "revision")})
+    _warn_on_whole_model_save(model)
     return model
+
+
+WHOLE_MODEL_SAVE = (
+    "save_pretrained of a transformers model with dora_minimal adapters writes the whole model, "
+    "the adapters' tensors under dora_minimal's own keys (as Trainer's checkpoints need, and "
+    "resume_from_checkpoint reads them back); transformers' from_pretrained of that folder "
+    "drops those tensors (it only lists them as unexpected keys) and gives the base model. To "
+    "export, use dora_minimal.save_pretrained(model, directory) for the adapter (PEFT's "
+    "files), or dora_minimal.merge_and_unload(model).save_pretrained(directory) for a plain "
+    "model with the adapters merged in")
+
+
+class _SavePretrainedWithWarning:
+    """A transformers model's own save_pretrained (Trainer.save_model and its checkpoints call
+    it), with WHOLE_MODEL_SAVE warned while the model has adapter layers. An object holding
+    the model, not a closure: copy.deepcopy and pickle (torch.save of the whole model) copy it
+    with the model, so a copy saves itself."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        if adapter_layers(self.model):
+            warnings.warn(WHOLE_MODEL_SAVE, UserWarning, stacklevel=2)
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)
+
+
+def _warn_on_whole_model_save(model):
+    """Give a transformers model (one with a config and a save_pretrained method) an instance
+    save_pretrained that warns first."""
+    if getattr(model, "config", None) is not None and callable(
+            getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = _SavePretrainedWithWarning(model)
 
 
 def saved_modules(model):
@@ -400,7 +459,7 @@ def inject_adapters(model, config):
     registered under several names is targeted when any of them matches, adapted once, and
     every name sees the adapter. On any error the model is unchanged."""
     adapters = build_adapters(model, config)
-    install_adapters(model, adapters, modules_to_save(model, config), config.task_type)
+    install_adapters(model, adapters, modules_to_save(model, config), config)
     if config.inference_mode:  # PEFT's inference_mode: nothing trains
         model.requires_grad_(False)
     return model
@@ -422,6 +481,9 @@ def merge_adapters(model):
         _replace(model, layer_names, module)
     for _, module in saved_modules(model):
         delattr(module, TRAINED_IN_FULL)
+    vars(model).pop(ADAPTED_MODEL, None)
+    if isinstance(vars(model).get("save_pretrained"), _SavePretrainedWithWarning):
+        del model.save_pretrained  # the class's own again
     return model
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .adapters import (LoraConfig, adapter_layers, build_adapters, check_init_lora_weights,
-                       install_adapters, modules_to_save, saved_modules, TRAINED_IN_FULL)
+from .adapters import (ADAPTED_MODEL, LoraConfig, adapter_layers, build_adapters,
+                       check_init_lora_weights, install_adapters, modules_to_save,
+                       saved_modules, TRAINED_IN_FULL)
+from .checks import check_bool
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -175,6 +177,9 @@ def save_pretrained(model, directory, safe_serialization=None):
     if the directory has one, is removed so that no reader picks up a stale adapter.
     Modules trained in full (modules_to_save, a task_type's head) are saved with it, as PEFT
     does: their tensors under base_model.model.<module>.*, their names in modules_to_save.
+    The config also holds PEFT's task_type, base_model_name_or_path (where the model was
+    loaded from, if the model knows) and revision, so that PEFT's AutoPeftModel classes and
+    PeftModel.from_pretrained build the task's class from it.
     detach_norm is a training choice of ours, not saved (PEFT has no such field)."""
     layers, saved = adapter_layers(model), saved_modules(model)
     if not layers:
@@ -208,7 +213,15 @@ def save_pretrained(model, directory, safe_serialization=None):
         raise ImportError("save_pretrained: safe_serialization=True needs the safetensors "
                           "package (pip install safetensors); or pass safe_serialization=False")
     task_types = {getattr(module, TRAINED_IN_FULL) for _, module in saved} - {None}
-    config = {"peft_type": "LORA", "task_type": min(task_types, default=None), "r": first["r"],
+    adapted = getattr(model, ADAPTED_MODEL, {})
+    task_type = adapted.get("task_type") or min(task_types, default=None)
+    name_or_path = adapted.get("base_model_name_or_path") or _name_or_path(model)
+    # without a task_type PEFT's AutoPeftModel finds the base model's class here
+    auto_mapping = None if task_type or getattr(model, "config", None) is None else {
+        "base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    config = {"base_model_name_or_path": name_or_path, "revision": adapted.get("revision"),
+              "peft_type": "LORA", "task_type": task_type, "auto_mapping": auto_mapping,
+              "r": first["r"],
               "lora_alpha": _number(first["lora_alpha"]), "lora_dropout": first["lora_dropout"],
               "target_modules": _target_modules(model, [name for name, _ in layers]),
               "use_dora": first["use_dora"], "bias": "none", "use_rslora": False,
@@ -229,6 +242,14 @@ def save_pretrained(model, directory, safe_serialization=None):
         os.remove(directory / other)
 
 
+def _name_or_path(model):
+    """Where a transformers model was loaded from (its name_or_path, as PEFT reads it, or its
+    config's _name_or_path), None for a model built from a config or a plain torch model."""
+    config = getattr(model, "config", None)
+    return (vars(model).get("name_or_path") or getattr(config, "_name_or_path", None)
+            or None)
+
+
 def _safetensors():
     try:
         import safetensors.torch
@@ -237,14 +258,51 @@ def _safetensors():
     return safetensors.torch
 
 
+# the type each field of adapter_config.json must have where it is set
+_FIELD_TYPES = {"peft_type": (str,), "r": (int,), "lora_alpha": (int, float),
+                "lora_dropout": (int, float), "target_modules": (str, list),
+                "use_dora": (bool,), "fan_in_fan_out": (bool,), "bias": (str,),
+                "task_type": (str,), "modules_to_save": (list,), "rank_pattern": (dict,),
+                "alpha_pattern": (dict,), "inference_mode": (bool,),
+                "base_model_name_or_path": (str,), "revision": (str,)}
+# the fields that PEFT writes null for "not set"; a null in any other is an error (PEFT never
+# writes one there), while a field that is left out takes PEFT's default
+_NULLABLE = ("target_modules", "task_type", "modules_to_save", "rank_pattern", "alpha_pattern",
+             "base_model_name_or_path", "revision")
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list",
+               bool: "true or false", dict: "an object"}
+
+
+def _read_json(path):
+    """adapter_config.json's object; ValueError naming the file if it is not one."""
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"from_pretrained: {path} is not valid JSON ({error})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"from_pretrained: {path} should hold a JSON object of LoraConfig "
+                         f"fields, but holds a {type(saved).__name__}")
+    for field, types in _FIELD_TYPES.items():
+        if field not in saved or (saved[field] is None and field in _NULLABLE):
+            continue
+        value = saved[field]
+        wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+        if wrong:
+            expected = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise ValueError(f"from_pretrained: {path} field {field!r}: expected {expected}, "
+                             f"got {json.dumps(value)}")
+    return saved
+
+
 def read_config(directory, detach_norm=True):
-    """The LoraConfig an adapter_config.json describes; ValueError for a setting (a field of
-    PEFT's LoraConfig) that dora_minimal cannot honour."""
+    """The LoraConfig an adapter_config.json describes; ValueError naming the file and the
+    field for a value of the wrong type or one (a field of PEFT's LoraConfig) that
+    dora_minimal cannot honour."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"from_pretrained: {path} not found (an adapter directory "
                                 f"holds {CONFIG_NAME} and the weights)")
-    saved = json.loads(path.read_text())
+    saved = _read_json(path)
     if saved.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"from_pretrained: {path} holds a {saved['peft_type']} adapter; only "
                          f"LORA (with or without use_dora) is supported")
@@ -257,57 +315,86 @@ def read_config(directory, detach_norm=True):
                             saved.get("init_lora_weights", True))
     if saved.get("target_modules") is None:
         raise ValueError(f"from_pretrained: {path} names no target_modules")
-    targets = saved["target_modules"]
-    return LoraConfig(r=saved.get("r", 8), lora_alpha=saved.get("lora_alpha", 8),
-                      lora_dropout=saved.get("lora_dropout", 0.0),
-                      target_modules=targets if isinstance(targets, str) else list(targets),
-                      use_dora=saved.get("use_dora", False), detach_norm=detach_norm,
-                      rank_pattern=saved.get("rank_pattern") or {},
-                      alpha_pattern=saved.get("alpha_pattern") or {},
-                      bias=saved.get("bias", "none"), task_type=saved.get("task_type"),
-                      modules_to_save=saved.get("modules_to_save"))
+    fields = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": None,
+              "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
+              "task_type": None, "fan_in_fan_out": False, "modules_to_save": None,
+              "base_model_name_or_path": None, "revision": None}
+    values = {field: default if saved.get(field) is None else saved[field]
+              for field, default in fields.items()}
+    try:
+        return LoraConfig(**values, detach_norm=detach_norm)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"from_pretrained: {path}: {error}") from None
 
 
 def _read_weights(directory):
+    """{key: tensor} of the directory's weights file; ValueError naming the file if it cannot
+    be read (truncated, not a weights file, not a dict of tensors)."""
     directory = Path(directory)
-    if (directory / SAFETENSORS_NAME).is_file():
+    path = directory / SAFETENSORS_NAME
+    if path.is_file():
         if _safetensors() is None:
-            raise ImportError(f"from_pretrained: {directory / SAFETENSORS_NAME} needs the "
-                              f"safetensors package (pip install safetensors)")
-        return _safetensors().load_file(str(directory / SAFETENSORS_NAME))
-    if (directory / BIN_NAME).is_file():
-        return torch.load(directory / BIN_NAME, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"from_pretrained: {directory} has neither {SAFETENSORS_NAME} "
-                            f"nor {BIN_NAME}")
+            raise ImportError(f"from_pretrained: {path} needs the safetensors package (pip "
+                              f"install safetensors)")
+        read = lambda: _safetensors().load_file(str(path))  # noqa: E731
+    elif (directory / BIN_NAME).is_file():
+        path = directory / BIN_NAME
+        read = lambda: torch.load(path, map_location="cpu", weights_only=True)  # noqa: E731
+    else:
+        raise FileNotFoundError(f"from_pretrained: {directory} has neither {SAFETENSORS_NAME} "
+                                f"nor {BIN_NAME}")
+    try:
+        state = read()
+    except Exception as error:  # each reader has its own errors (SafetensorError, pickle's...)
+        raise ValueError(f"from_pretrained: cannot read {path} (a truncated or damaged "
+                         f"file?): {type(error).__name__}: {error}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"from_pretrained: {path} should hold a dict of tensors, but holds a "
+                         f"{type(state).__name__}")
+    return state, path
 
 
-def from_pretrained(model, directory, detach_norm=True):
+def from_pretrained(model, directory, detach_norm=True, is_trainable=True):
     """Adapt a plain model as the directory's adapter_config.json says and load its weights
     (written by save_pretrained here or in PEFT), then return the model. A model that already
     has adapter layers gets the weights if its layers match the saved settings. On any
-    mismatch (settings, targets, keys, shapes) ValueError, and the model is unchanged."""
+    mismatch (settings, targets, keys, shapes, a field or file that cannot be read) an error
+    that names it, and the model is unchanged.
+    is_trainable (PEFT's keyword): True (the default here, as after get_peft_model) leaves the
+    adapters and the modules trained in full trainable, to train on; False freezes them, for
+    inference (PEFT's default)."""
+    check_bool("is_trainable", is_trainable)
     config = read_config(directory, detach_norm)
-    state = _read_weights(directory)
+    state, path = _read_weights(directory)
+    what = f"from_pretrained: {path}"
     layers = adapter_layers(model)
     saved = modules_to_save(model, config)
     heads = [(names[0], module) for names, module in saved]
     if not layers:
         adapters = build_adapters(model, config)
         _load([(names[0], adapter) for names, adapter in adapters], state, _peft_tensors,
-              "from_pretrained", heads, PEFT_PREFIX)
-        return install_adapters(model, adapters, saved, config.task_type)
-    for name, layer in layers:
-        r, lora_alpha = config.settings_for(name)
-        wanted = {"r": r, "lora_alpha": float(lora_alpha), "use_dora": config.use_dora}
-        found = {key: getattr(layer, key) for key in wanted}
-        if found != wanted:
-            raise ValueError(f"from_pretrained: layer {name} has {found}, the saved adapter "
-                             f"{wanted}")
-        if not config.matches(name):
-            raise ValueError(f"from_pretrained: layer {name} is not among the saved "
-                             f"target_modules {config.target_modules!r}")
-    _load(layers, state, _peft_tensors, "from_pretrained", heads, PEFT_PREFIX)
-    for _, module in saved:
-        module.requires_grad_(True)
-        setattr(module, TRAINED_IN_FULL, config.task_type)
+              what, heads, PEFT_PREFIX)
+        install_adapters(model, adapters, saved, config)
+    else:
+        for name, layer in layers:
+            r, lora_alpha = config.settings_for(name)
+            wanted = {"r": r, "lora_alpha": float(lora_alpha), "use_dora": config.use_dora}
+            found = {key: getattr(layer, key) for key in wanted}
+            if found != wanted:
+                raise ValueError(f"from_pretrained: layer {name} has {found}, the saved "
+                                 f"adapter {wanted}")
+            if not config.matches(name):
+                raise ValueError(f"from_pretrained: layer {name} is not among the saved "
+                                 f"target_modules {config.target_modules!r}")
+        _load(layers, state, _peft_tensors, what, heads, PEFT_PREFIX)
+        for _, module in saved:
+            module.requires_grad_(True)
+            setattr(module, TRAINED_IN_FULL, config.task_type)
+        setattr(model, ADAPTED_MODEL, {key: getattr(config, key) for key in
+                                       ("task_type", "base_model_name_or_path", "revision")})
+    if not is_trainable:
+        for _, layer in adapter_layers(model):
+            layer.requires_grad_(False)
+        for _, module in saved_modules(model):
+            module.requires_grad_(False)
     return model

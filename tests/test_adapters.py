@@ -77,6 +77,7 @@ def test_lora_config_defaults_and_validation():
             dm.LoraConfig(**kwargs)
 
 
+@pytest.mark.interop
 def test_lora_config_defaults_are_peft_defaults():
     peft = pytest.importorskip("peft")
     ours, theirs = dm.LoraConfig(), peft.LoraConfig()
@@ -178,6 +179,7 @@ def test_all_linear_leaves_out_only_a_models_output_embedding():
 PEFT_TARGETS = [["fc1"], ["0.fc2", "2"], r"\d\.fc(1|2)", r"1\..*c.*", "all-linear"]
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("targets", PEFT_TARGETS, ids=str)
 def test_targets_select_what_peft_selects(targets):
     peft = pytest.importorskip("peft")
@@ -188,6 +190,7 @@ def test_targets_select_what_peft_selects(targets):
     assert sorted(n for n, _ in dm.adapter_layers(ours)) == peft_names
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("head, task_type", [("lm_head", None), ("score", "SEQ_CLS")])
 def test_all_linear_on_a_transformers_model_is_peft_s(head, task_type):
     peft = pytest.importorskip("peft")
@@ -208,6 +211,7 @@ def test_all_linear_on_a_transformers_model_is_peft_s(head, task_type):
     assert sorted(n for n, _ in dm.adapter_layers(ours)) == peft_names
 
 
+@pytest.mark.interop
 def test_peft_snippet_runs_with_its_import_changed_and_builds_peft_s_model():
     peft = pytest.importorskip("peft")
     models = []
@@ -234,6 +238,7 @@ def trained_peft(peft_model, seed=2):
     return peft.get_peft_model_state_dict(peft_model)
 
 
+@pytest.mark.interop
 def test_print_trainable_parameters_prints_what_peft_prints(capsys):
     peft = pytest.importorskip("peft")
     dm.print_trainable_parameters(dm.get_peft_model(toy_model(), dm.LoraConfig(use_dora=True)))
@@ -385,6 +390,7 @@ def test_peft_keys_round_trip():
     assert same_state(state_of(target), before)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("use_dora", [True, False])
 def test_adapters_load_into_peft_and_back_with_the_same_outputs(use_dora):
     peft = pytest.importorskip("peft")

@@ -10,6 +10,7 @@ import torch
 import dora_minimal as dm
 from helpers import rel_error
 
+pytestmark = pytest.mark.interop  # needs PEFT or transformers: .ci/run checks that none skips
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 

@@ -11,6 +11,7 @@ from torch import nn
 import dora_minimal as dm
 from helpers import rel_error
 
+pytestmark = pytest.mark.interop  # needs PEFT or transformers: .ci/run checks that none skips
 peft = pytest.importorskip("peft")
 
 

@@ -4,6 +4,7 @@ trained in full (modules_to_save) saved and loaded both ways. Skipped where tran
 PEFT, accelerate, safetensors for the tests that need them) is not installed."""
 
 import copy
+import io
 import json
 import warnings
 
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 import dora_minimal as dm
+from dora_minimal.adapters import saved_modules
 from helpers import rel_error
 
+pytestmark = pytest.mark.interop  # needs PEFT or transformers: .ci/run checks that none skips
 transformers = pytest.importorskip("transformers")
 T = transformers
 
@@ -60,25 +63,6 @@ def test_trainer_checkpoints_resumes_exactly_and_trains_the_same_with_gradient_c
     for key, value in uninterrupted.items():
         assert torch.equal(resumed[key], value), key
         assert rel_error(checkpointed[key].numpy(), value.numpy()) < 1e-6, key
-
-
-def test_save_pretrained_of_the_whole_model_merged_or_not(tmp_path):
-    pytest.importorskip("safetensors")
-    model = dm.get_peft_model(tiny_llama(), dm.LoraConfig(r=2, use_dora=True))
-    with torch.no_grad():
-        for _, layer in dm.adapter_layers(model):
-            layer.lora_B.normal_(0, 0.3)
-    ids = torch.randint(0, 32, (2, 5))
-    expected = model(ids).logits.detach()
-    model.save_pretrained(tmp_path / "adapted")  # a checkpoint as Trainer writes it
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (the adapter's keys are unexpected in a plain Llama)
-        plain = T.LlamaForCausalLM.from_pretrained(tmp_path / "adapted")
-    assert rel_error(plain(ids).logits.detach().numpy(), tiny_llama()(ids).logits.detach()
-                     .numpy()) < 1e-6  # its base weights are the pretrained ones
-    dm.merge_and_unload(model).save_pretrained(tmp_path / "merged")  # a plain Llama checkpoint
-    merged = T.LlamaForCausalLM.from_pretrained(tmp_path / "merged")
-    assert rel_error(merged(ids).logits.detach().numpy(), expected.numpy()) < 1e-5
 
 
 # --- target_modules=None: PEFT's defaults, model type by model type ---------------------------
@@ -168,51 +152,188 @@ def test_naming_a_tied_output_embedding_warns_that_the_tie_breaks():
     assert model.lm_head.weight is not model.transformer.wte.weight
 
 
-# --- a classification head, trained in full and saved both ways -------------------------------
+# --- task heads, trained in full and saved both ways ----------------------------------------
 
-CLASSIFIERS = {  # a head called classifier, and one called score
-    "bert": (FAMILIES["bert"], "classifier"),
+def bert(cls, num_labels=3):
+    return cls(T.BertConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=2, num_labels=num_labels))
+
+
+# family: (the model, its task_type, target_modules, the heads trained in full); PEFT 0.22 adds
+# classifier, score and pre_classifier (SEQ_CLS, TOKEN_CLS) or qa_outputs (QUESTION_ANS) to
+# modules_to_save, each where the model has it
+TASK_MODELS = {
+    "bert": (lambda: bert(T.BertForSequenceClassification), "SEQ_CLS", None, ["classifier"]),
+    "distilbert": (lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
+        vocab_size=32, dim=8, hidden_dim=16, n_layers=2, n_heads=2, num_labels=3)),
+        "SEQ_CLS", ["q_lin", "v_lin"], ["classifier", "pre_classifier"]),
+    "roberta": (lambda: T.RobertaForSequenceClassification(T.RobertaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=40, num_labels=3)),
+        "SEQ_CLS", None, ["classifier"]),
     "llama": (lambda: T.LlamaForSequenceClassification(T.LlamaConfig(
         vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, num_labels=3)), "score"),
+        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, num_labels=3)),
+        "SEQ_CLS", None, ["score"]),
+    "bert_token_cls": (lambda: bert(T.BertForTokenClassification), "TOKEN_CLS", None,
+                       ["classifier"]),
+    "bert_question_ans": (lambda: bert(T.BertForQuestionAnswering, 2), "QUESTION_ANS", None,
+                          ["qa_outputs"]),
 }
 
 
-@pytest.mark.parametrize("family", CLASSIFIERS)
-def test_a_seq_cls_head_trains_in_full_and_loads_both_ways_with_peft(tmp_path, family):
+def task_output(model, ids):
+    output = model(ids)
+    logits = getattr(output, "logits", None)
+    return (logits if logits is not None else torch.cat([output.start_logits,
+                                                         output.end_logits])).detach()
+
+
+@pytest.mark.parametrize("family", TASK_MODELS)
+def test_task_heads_train_in_full_and_load_both_ways_with_peft(tmp_path, family):
     peft = pytest.importorskip("peft")
-    pytest.importorskip("safetensors")
+    load_file = pytest.importorskip("safetensors.torch").load_file
     ids = torch.randint(1, 32, (2, 6), generator=torch.Generator().manual_seed(1))
-    make, head = CLASSIFIERS[family]
+    make, task_type, targets, heads = TASK_MODELS[family]
 
     def base():
         torch.manual_seed(0)
-        return make().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return make().eval()
 
-    ours = dm.get_peft_model(base(), dm.LoraConfig(use_dora=True, task_type="SEQ_CLS"))
-    theirs = peft.get_peft_model(base(), peft.LoraConfig(use_dora=True, task_type="SEQ_CLS"))
-    assert type(getattr(ours, head)) is torch.nn.Linear and getattr(ours, head).weight.requires_grad
-    assert dm.trainable_parameters(ours).trainable == theirs.get_nb_trainable_parameters()[0]
-    ours.train()(ids).logits.sum().backward()  # a training step runs
+    def config(library):
+        return library.LoraConfig(use_dora=True, task_type=task_type, target_modules=targets)
+
+    ours = dm.get_peft_model(base(), config(dm))
+    theirs = peft.get_peft_model(base(), config(peft))
+    for head in heads:  # trained in full, never through an adapter
+        module = ours.get_submodule(head)
+        assert not dm.adapter_layers(module) and all(p.requires_grad
+                                                      for p in module.parameters()), head
+    assert sorted(n for n, _ in saved_modules(ours)) == sorted(heads)
+    trainable = dm.trainable_parameters(ours).trainable, theirs.get_nb_trainable_parameters()[0]
+    assert trainable[0] == trainable[1]
+    task_output(ours.train(), ids).sum()  # a training step runs
     torch.manual_seed(2)
-    with torch.no_grad():  # PEFT's adapter and head away from their init
+    with torch.no_grad():  # PEFT's adapter and heads away from their init
         for name, p in theirs.named_parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn_like(p))
     theirs.eval()
-    expected = theirs(ids).logits.detach()
+    expected = task_output(theirs, ids)
     theirs.save_pretrained(tmp_path / "theirs")
-    loaded = dm.from_pretrained(base(), tmp_path / "theirs")
-    assert rel_error(loaded(ids).logits.detach().numpy(), expected.numpy()) < 1e-6
+    loaded = dm.from_pretrained(base(), tmp_path / "theirs")  # PEFT -> ours
+    theirs_to_ours = rel_error(task_output(loaded, ids).numpy(), expected.numpy())
+    assert theirs_to_ours < 1e-6
     dm.save_pretrained(loaded, tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert (saved["modules_to_save"], saved["task_type"]) == ([head], "SEQ_CLS")
-    from safetensors.torch import load_file
+    assert (sorted(saved["modules_to_save"]), saved["task_type"]) == (sorted(heads), task_type)
     assert (load_file(tmp_path / "ours" / "adapter_model.safetensors").keys()
             == load_file(tmp_path / "theirs" / "adapter_model.safetensors").keys())
-    reopened = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
-    assert rel_error(reopened(ids).logits.detach().numpy(), expected.numpy()) < 1e-6
+    reopened = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()  # ours -> PEFT
+    assert type(reopened) is type(theirs)  # the task's class, from our task_type
+    ours_to_theirs = rel_error(task_output(reopened, ids).numpy(), expected.numpy())
+    assert ours_to_theirs < 1e-6
+    largest = [(task_output(m, ids) - expected).abs().max().item() for m in (loaded, reopened)]
+    print(f"\npeft {peft.__version__} {family}: PEFT->ours {largest[0]:.1e}, ours->PEFT "
+          f"{largest[1]:.1e} (max |logits difference|), trainable ours {trainable[0]}, PEFT "
+          f"{trainable[1]}")  # (python -m pytest -k task_heads -s prints the table)
     merged = dm.merge_and_unload(copy.deepcopy(loaded))
     assert not dm.adapter_layers(merged)
+    assert rel_error(task_output(merged, ids).numpy(), expected.numpy()) < 1e-5
+    for head in heads:
+        trained = loaded.get_submodule(head).state_dict()
+        assert all(torch.equal(t, trained[k]) for k, t in merged.get_submodule(head)
+                   .state_dict().items()), head
+
+
+def test_task_heads_absent_from_the_model_are_skipped_but_a_name_of_the_users_is_an_error():
+    model = TASK_MODELS["llama"][0]()  # a score head: no classifier, no pre_classifier
+    adapted = dm.get_peft_model(copy.deepcopy(model), dm.LoraConfig(task_type="SEQ_CLS"))
+    assert [n for n, _ in saved_modules(adapted)] == ["score"]
+    for task_type in ("SEQ_CLS", "QUESTION_ANS", None):  # qa_outputs is no SEQ_CLS head
+        with pytest.raises(ValueError, match=r"modules_to_save: \['pre_classifer'\] match no "):
+            dm.get_peft_model(copy.deepcopy(model), dm.LoraConfig(
+                task_type=task_type, modules_to_save=["pre_classifer"]))
+    with pytest.raises(ValueError, match=r"modules_to_save: \['qa_outputs'\] match no module"):
+        dm.get_peft_model(copy.deepcopy(model), dm.LoraConfig(
+            task_type="SEQ_CLS", modules_to_save=["qa_outputs"]))
+
+
+# --- PEFT's Auto classes read our directories -------------------------------------------------
+
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", "SEQ_CLS", None])
+def test_peft_auto_classes_load_our_adapter_with_its_base_from_disk(tmp_path, task_type):
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("safetensors")
+    make = {"CAUSAL_LM": tiny_llama, None: tiny_llama,
+            "SEQ_CLS": TASK_MODELS["llama"][0]}[task_type]
+    torch.manual_seed(0)
+    make().save_pretrained(tmp_path / "base")  # a pretrained model on local disk
+    auto = {"CAUSAL_LM": T.AutoModelForCausalLM, None: T.AutoModelForCausalLM,
+            "SEQ_CLS": T.AutoModelForSequenceClassification}[task_type]
+    model = dm.get_peft_model(auto.from_pretrained(tmp_path / "base"), dm.LoraConfig(
+        r=2, use_dora=True, task_type=task_type))
+    with torch.no_grad():
+        for _, layer in dm.adapter_layers(model):
+            layer.lora_B.normal_(0, 0.3)
+    ids = torch.randint(1, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    expected = model.eval()(ids).logits.detach()
+    dm.save_pretrained(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["task_type"] == task_type and saved["peft_type"] == "LORA"
+    assert saved["base_model_name_or_path"] == str(tmp_path / "base")
+    assert "revision" in saved and saved["revision"] is None
+    peft_auto = {"CAUSAL_LM": peft.AutoPeftModelForCausalLM, None: peft.AutoPeftModel,
+                 "SEQ_CLS": peft.AutoPeftModelForSequenceClassification}[task_type]
+    theirs = peft_auto.from_pretrained(tmp_path / "adapter").eval()
+    assert rel_error(theirs(ids).logits.detach().numpy(), expected.numpy()) < 1e-6
+    task_class = {"CAUSAL_LM": peft.PeftModelForCausalLM, None: peft.PeftModel,
+                  "SEQ_CLS": peft.PeftModelForSequenceClassification}[task_type]
+    assert type(peft.PeftModel.from_pretrained(auto.from_pretrained(tmp_path / "base"),
+                                               tmp_path / "adapter")) is task_class
+
+
+# --- after Trainer: the whole model's save_pretrained, and the two right ways to export -------
+
+def test_the_whole_models_save_pretrained_warns_that_from_pretrained_drops_the_adapter(
+        tmp_path):
+    pytest.importorskip("safetensors")
+    model = dm.get_peft_model(tiny_llama(), dm.LoraConfig(r=2, use_dora=True))
+    with torch.no_grad():
+        for _, layer in dm.adapter_layers(model):
+            layer.lora_B.normal_(0, 0.3)
+    ids = torch.randint(0, 32, (2, 5))
+    expected = model(ids).logits.detach()
+    with pytest.warns(UserWarning, match="from_pretrained of that folder drops those tensors"):
+        model.save_pretrained(tmp_path / "adapted")  # what trainer.save_model writes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the adapter's keys are unexpected in a plain Llama)
+        plain = T.AutoModelForCausalLM.from_pretrained(tmp_path / "adapted")
+    assert rel_error(plain(ids).logits.detach().numpy(), tiny_llama()(ids).logits.detach()
+                     .numpy()) < 1e-6  # the base model: the adapter is gone, as warned
+    copied = copy.deepcopy(model)  # the copy's save_pretrained saves the copy
+    with torch.no_grad():
+        copied.model.layers[0].self_attn.q_proj.lora_B.zero_()
+    with pytest.warns(UserWarning, match="drops those tensors"):
+        copied.save_pretrained(tmp_path / "copied")
+    from safetensors.torch import load_file
+    key = "model.layers.0.self_attn.q_proj.lora_B"
+    assert not load_file(tmp_path / "copied" / "model.safetensors")[key].any()
+    assert load_file(tmp_path / "adapted" / "model.safetensors")[key].any()
+    buffer = io.BytesIO()  # the whole model pickled (torch.save) and back: still saves itself
+    torch.save(copied, buffer)
+    unpickled = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    with pytest.warns(UserWarning, match="drops those tensors"):
+        unpickled.save_pretrained(tmp_path / "unpickled")
+    assert not load_file(tmp_path / "unpickled" / "model.safetensors")[key].any()
+    # the right ways: the adapter in PEFT's files, or a plain model with the adapter merged in
+    dm.save_pretrained(model, tmp_path / "adapter")
+    loaded = dm.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    assert rel_error(loaded(ids).logits.detach().numpy(), expected.numpy()) < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning once merged
+        dm.merge_and_unload(model).save_pretrained(tmp_path / "merged")
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert rel_error(merged(ids).logits.detach().numpy(), expected.numpy()) < 1e-5
-    assert torch.equal(getattr(merged, head).weight, getattr(loaded, head).weight)

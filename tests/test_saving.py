@@ -67,6 +67,7 @@ def test_values_move_to_the_device_of_each_tensor():
         assert value.device.type == "cpu" and torch.equal(value, state[key])
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("safe", [False, True])
 def test_save_pretrained_then_from_pretrained_gives_the_same_model(tmp_path, safe):
     if safe:
@@ -94,6 +95,7 @@ def test_save_pretrained_then_from_pretrained_gives_the_same_model(tmp_path, saf
     assert torch.equal(again(x), source(x))
 
 
+@pytest.mark.interop
 def test_saving_one_kind_removes_a_stale_file_of_the_other(tmp_path):
     pytest.importorskip("safetensors")
     model = trained(dm.inject_adapters(toy_model(), CONFIG))
@@ -214,6 +216,7 @@ def train_steps(model, steps=3, seed=3):
     return model
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("safe", [True, False])
 @pytest.mark.parametrize("use_dora", [True, False])
 def test_peft_loads_what_save_pretrained_writes(tmp_path, safe, use_dora):
@@ -231,6 +234,7 @@ def test_peft_loads_what_save_pretrained_writes(tmp_path, safe, use_dora):
     assert sorted(peft.get_peft_model_state_dict(theirs)) == sorted(dm.to_peft_state_dict(ours))
 
 
+@pytest.mark.interop
 def test_peft_and_we_read_each_others_rank_and_alpha_patterns(tmp_path):
     peft = pytest.importorskip("peft")
     pytest.importorskip("safetensors")
@@ -249,6 +253,7 @@ def test_peft_and_we_read_each_others_rank_and_alpha_patterns(tmp_path):
     assert rel_error(ours(x).detach().numpy(), theirs(x).detach().numpy()) < 1e-13
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("safe", [True, False])
 @pytest.mark.parametrize("use_dora", [True, False])
 def test_from_pretrained_loads_what_peft_saves(tmp_path, safe, use_dora):
@@ -269,6 +274,7 @@ def test_from_pretrained_loads_what_peft_saves(tmp_path, safe, use_dora):
     assert rel_error(ours(x).detach().numpy(), theirs(x).detach().numpy()) < 1e-13
 
 
+@pytest.mark.interop
 def test_a_transformers_model_both_ways_with_peft(tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
@@ -323,6 +329,7 @@ def test_a_state_dict_holds_tensors_only_and_a_merged_layer_reloads_and_unmerges
     assert torch.equal(fresh.weight, layer.weight) and torch.equal(fresh(x), layer(x))
 
 
+@pytest.mark.interop
 @torch.no_grad()
 def test_safetensors_saves_and_loads_a_whole_adapted_model_merged_or_not(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
@@ -388,3 +395,108 @@ def test_a_saved_init_that_rewrote_the_base_weight_is_refused(tmp_path, init):
     for only_init in (False, "gaussian", "eva"):  # the base weight is the pretrained one
         edit_config(tmp_path, init_lora_weights=only_init)
         assert len(dm.adapter_layers(dm.from_pretrained(toy_model(), tmp_path))) == 4
+
+
+# --- saved files of the wrong type or shape: our error, naming the field or the file ---------
+
+MALFORMED = {  # what is written in place of the saved config or weights: the error's words
+    "config a list": ("config", lambda c: [c], r"adapter_config.json should hold a JSON object.*"
+                      r"holds a list"),
+    "config not JSON": ("config", lambda c: "{", r"adapter_config.json is not valid JSON"),
+    "target_modules 5": ("config", {"target_modules": 5}, r"'target_modules': expected a "
+                         r"string or a list, got 5"),
+    "target_modules [5]": ("config", {"target_modules": [5]}, r"target_modules: expected non-"),
+    "fan_in_fan_out 'yes'": ("config", {"fan_in_fan_out": "yes"},
+                             r"'fan_in_fan_out': expected true or false, got \"yes\""),
+    "task_type 5": ("config", {"task_type": 5}, r"'task_type': expected a string, got 5"),
+    "task_type unknown": ("config", {"task_type": "SEQ_CLASS"},
+                          r"adapter_config.json: task_type: expected one of PEFT's task types"),
+    "r '8'": ("config", {"r": "8"}, r"'r': expected an integer, got \"8\""),
+    "r true": ("config", {"r": True}, r"'r': expected an integer, got true"),
+    "r 0": ("config", {"r": 0}, r"adapter_config.json: r"),
+    "r null": ("config", {"r": None}, r"'r': expected an integer, got null"),
+    "lora_alpha null": ("config", {"lora_alpha": None}, r"'lora_alpha': expected an integer or "
+                        r"a number, got null"),
+    "use_dora null": ("config", {"use_dora": None}, r"'use_dora': expected true or false, got "
+                      r"null"),
+    "target_modules null": ("config", {"target_modules": None}, r"names no target_modules"),
+    "lora_alpha '16'": ("config", {"lora_alpha": "16"}, r"'lora_alpha': expected an integer or "
+                        r"a number"),
+    "lora_dropout 2": ("config", {"lora_dropout": 2}, r"adapter_config.json: lora_dropout"),
+    "use_dora 1": ("config", {"use_dora": 1}, r"'use_dora': expected true or false, got 1"),
+    "modules_to_save a string": ("config", {"modules_to_save": "fc1"},
+                                 r"'modules_to_save': expected a list"),
+    "rank_pattern a list": ("config", {"rank_pattern": ["fc1"]},
+                            r"'rank_pattern': expected an object"),
+    "rank_pattern value": ("config", {"rank_pattern": {"fc1": "4"}}, r"rank_pattern\['fc1'\]"),
+    "base_model_name_or_path 5": ("config", {"base_model_name_or_path": 5},
+                                  r"'base_model_name_or_path': expected a string"),
+    "weights truncated": ("weights", lambda b: b[:len(b) // 2],
+                          r"cannot read .*adapter_model\.(safetensors|bin) \(a truncated"),
+    "weights empty": ("weights", lambda b: b"", r"cannot read .*adapter_model"),
+    "weights a list": ("weights", "list", r"adapter_model.bin should hold a dict of tensors"),
+    "weights missing": ("weights", None, r"has neither adapter_model.safetensors nor "),
+    "config missing": ("config", None, r"adapter_config.json not found"),
+}
+
+
+@pytest.mark.parametrize("case, safe", [(case, False) for case in MALFORMED] + [
+    (case, True) for case in ("weights truncated", "weights empty", "weights missing")])
+@pytest.mark.interop
+def test_a_saved_file_of_the_wrong_type_is_our_error_and_changes_nothing(tmp_path, case, safe):
+    if safe:
+        pytest.importorskip("safetensors")
+    what, change, message = MALFORMED[case]
+    dm.save_pretrained(trained(dm.inject_adapters(toy_model(), CONFIG)), tmp_path,
+                       safe_serialization=safe)
+    config_path = tmp_path / "adapter_config.json"
+    weights_path = tmp_path / ("adapter_model.safetensors" if safe else "adapter_model.bin")
+    if change is None:
+        (config_path if what == "config" else weights_path).unlink()
+    elif what == "config" and isinstance(change, dict):
+        edit_config(tmp_path, **change)
+    elif what == "config":
+        written = change(json.loads(config_path.read_text()))
+        config_path.write_text(written if isinstance(written, str) else json.dumps(written))
+    elif change == "list":
+        torch.save(list(torch.load(weights_path).values()), weights_path)
+    else:
+        weights_path.write_bytes(change(weights_path.read_bytes()))
+    for model in (toy_model(), dm.inject_adapters(toy_model(), CONFIG)):  # plain, or adapted
+        before = state_of(model)
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            dm.from_pretrained(model, tmp_path)
+        assert same_state(state_of(model), before)
+        assert isinstance(model[0].fc1, nn.Linear) == (not dm.adapter_layers(model))
+
+
+@pytest.mark.parametrize("is_trainable", [True, False])
+def test_from_pretrained_is_trainable_as_peft_s_keyword(tmp_path, is_trainable):
+    config = dm.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["2"], use_dora=True)
+    dm.save_pretrained(trained(dm.inject_adapters(toy_model(), config)), tmp_path,
+                       safe_serialization=False)
+    for model in (toy_model(), dm.inject_adapters(toy_model(), config)):  # plain, or adapted
+        loaded = dm.from_pretrained(model, tmp_path, is_trainable=is_trainable)
+        trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+        adapter = {n for n in dict(loaded.named_parameters()) if "lora_" in n or "magnitude"
+                   in n or n.startswith("2.")}
+        assert len(adapter) == 2 * 3 + 2 and trainable == (adapter if is_trainable else set())
+    with pytest.raises(TypeError, match="is_trainable: expected True or False, got 'no'"):
+        dm.from_pretrained(toy_model(), tmp_path, is_trainable="no")
+
+
+def test_our_config_holds_peft_s_fields_task_type_included(tmp_path):
+    model = dm.inject_adapters(toy_model(), dm.LoraConfig(r=2, target_modules=["fc1"],
+                                                          task_type="CAUSAL_LM",
+                                                          revision="v1"))
+    dm.save_pretrained(model, tmp_path, safe_serialization=False)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {k: saved[k] for k in ("peft_type", "task_type", "base_model_name_or_path",
+                                  "revision")} == {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+                                                   "base_model_name_or_path": None,
+                                                   "revision": "v1"}
+    reloaded = dm.from_pretrained(toy_model(), tmp_path)
+    dm.save_pretrained(reloaded, tmp_path / "again", safe_serialization=False)
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text()) == saved
+    with pytest.raises(ValueError, match="task_type: expected one of PEFT's task types"):
+        dm.LoraConfig(task_type="causal_lm")
