@@ -107,6 +107,7 @@ def test_bench_decode_prints_every_variant_at_every_size_and_token_count(tmp_pat
     assert "dora-cached" in printed and "DoRA cached / LoRA: T=1" in printed
 
 
+@pytest.mark.interop
 def test_bench_generate_times_and_compares_tokens(capsys):
     pytest.importorskip("transformers")
     bench.main(["--generate", "--new-tokens", "2", "--generate-rounds", "1", "--rank", "2",

@@ -254,6 +254,7 @@ def test_a_parameter_replaced_by_one_of_another_shape_is_a_clear_error():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.interop
 def test_generate_inside_cached_scale_gives_the_merged_models_tokens(family):
     """transformers' generate() (greedy, 32 new tokens, float64) with the DoRA adapters unmerged
     inside cached_scale: the tokens the merged model generates."""

@@ -92,6 +92,7 @@ def test_a_whole_model_in_train_mode_with_dropout_gives_the_base_model_outputs_a
     assert not torch.equal(model(tokens), expected)
 
 
+@pytest.mark.interop
 def test_gpt2_conv1d_layers_of_a_transformers_model_give_the_base_model_logits():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=17, n_positions=8,
