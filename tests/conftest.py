@@ -371,8 +371,8 @@ def pytest_terminal_summary(terminalreporter, config):
     if stopped:
         first = ", ".join(map(str, getattr(config, "failed_steps", [])))
         terminalreporter.write_line(
-            f"Stopped at the first failing test of exercise {first}: the {stopped} "
-            f"test{'s' * (stopped > 1)} after it of that exercise and the later ones "
+            f"Stopped at the first failing test of exercise {first}: {stopped} later "
+            f"test{'s' * (stopped > 1)} (of that exercise and the next ones) "
             f"{'were' if stopped > 1 else 'was'} skipped; --every-failure runs them.")
     reasons = {}
     for report in terminalreporter.stats.get("skipped", []):
