@@ -78,21 +78,26 @@ def peft_layers(base, ours, args):
     layers = {}
     for use_dora in (False, True):
         for keep in (False, True):
-            model = peft.get_peft_model(
-                torch.nn.Sequential(copy.deepcopy(base)),
-                peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=["0"],
-                                use_dora=use_dora),
-                autocast_adapter_dtype=not keep)
-            layer = model.base_model.model[0]
-            source = ours["dora" if use_dora else "lora"]
-            with torch.no_grad():
-                layer.lora_A["default"].weight.copy_(source.lora_A)
-                layer.lora_B["default"].weight.copy_(source.lora_B)
-                if use_dora:
-                    layer.lora_magnitude_vector["default"].weight.copy_(source.magnitude)
             name = f"peft-{'dora' if use_dora else 'lora'}{'-keep' if keep else ''}"
-            layers[name] = model
+            layers[name] = peft_copy(peft, base, ours["dora" if use_dora else "lora"], args.rank,
+                                     args.alpha, use_dora, keep)
     return layers
+
+
+def peft_copy(peft, base, source, rank, alpha, use_dora, keep):
+    """A PeftModel around nn.Sequential(copy of base) holding source's lora_A, lora_B (and
+    magnitude); keep: the adapter stays in the layer's dtype (autocast_adapter_dtype=False)."""
+    model = peft.get_peft_model(
+        torch.nn.Sequential(copy.deepcopy(base)),
+        peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], use_dora=use_dora),
+        autocast_adapter_dtype=not keep)
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(source.lora_A)
+        layer.lora_B["default"].weight.copy_(source.lora_B)
+        if use_dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(source.magnitude)
+    return model
 
 
 def timer(device):

@@ -18,7 +18,7 @@ import copy
 import torch
 
 from .adapters import LoraConfig, adapter_layers, get_peft_model, merge_adapters
-from .bench import DTYPES, device_name, make_layers, measure, timer
+from .bench import DTYPES, device_name, make_layers, measure, peft_copy, timer
 from .cache import cached_scale
 
 
@@ -44,17 +44,9 @@ def peft_decode_layers(base, ours, rank, alpha):
         return {}, None
     layers = {}
     for name, use_dora in (("peft-lora", False), ("peft-dora", True), ("peft-dora-cached", True)):
-        config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], use_dora=use_dora)
-        model = peft.get_peft_model(torch.nn.Sequential(copy.deepcopy(base)), config,
-                                    autocast_adapter_dtype=False)
-        layer = model.base_model.model[0].eval()
-        source = ours["dora" if use_dora else "lora"]
-        with torch.no_grad():
-            layer.lora_A["default"].weight.copy_(source.lora_A)
-            layer.lora_B["default"].weight.copy_(source.lora_B)
-            if use_dora:
-                layer.lora_magnitude_vector["default"].weight.copy_(source.magnitude)
-        layers[name] = layer
+        model = peft_copy(peft, base, ours["dora" if use_dora else "lora"], rank, alpha, use_dora,
+                          keep=True)
+        layers[name] = model.base_model.model[0].eval()
     return layers, DoraCaching
 
 
