@@ -429,13 +429,20 @@ class _SavePretrainedWithWarning:
     """A transformers model's own save_pretrained (Trainer.save_model and its checkpoints call
     it), with WHOLE_MODEL_SAVE warned while the model has adapter layers. An object holding
     the model, not a closure: copy.deepcopy and pickle (torch.save of the whole model) copy it
-    with the model, so a copy saves itself."""
+    with the model, so a copy saves itself. It warns once per model (a copy warns again): a
+    Trainer saves a checkpoint every save_steps, and Python's once-per-line rule does not hold
+    there (each catch_warnings block resets it)."""
 
     def __init__(self, model):
         self.model = model
+        self.warned = False
+
+    def __getstate__(self):  # (deepcopy and pickle: a copy has not warned yet)
+        return {"model": self.model, "warned": False}
 
     def __call__(self, *args, **kwargs):
-        if adapter_layers(self.model):
+        if not self.warned and adapter_layers(self.model):
+            self.warned = True
             warnings.warn(WHOLE_MODEL_SAVE, UserWarning, stacklevel=2)
         return type(self.model).save_pretrained(self.model, *args, **kwargs)
 

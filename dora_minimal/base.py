@@ -366,6 +366,8 @@ class AdaptedLayer(nn.Module):
         if prefix + "_extra_state" in missing_keys:  # a state dict without it: not merged
             missing_keys.remove(prefix + "_extra_state")
         self.merged, self._merged_norm, self._merged_adapter = merged_state
+        if self._scale_cache is not None:  # (lets go of parameters replaced by assign=True)
+            self._scale_cache.clear()
         if self._merged_norm is not None:
             self._merged_norm = self._merged_norm.to(self.weight.device)
         magnitude, acc = self.magnitude, accumulation_dtype(self.weight.dtype)

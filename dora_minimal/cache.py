@@ -12,7 +12,6 @@ y0 = base(x; W0) + s·B(A(x)) and y = c ⊙ y0 + b, with the core's numbers (c a
 it, y as DoRAFunction's forward rounds it).
 """
 
-import weakref
 from contextlib import nullcontext
 
 import torch
@@ -55,8 +54,10 @@ class cached_scale:
     through a NumPy view (`.numpy()`): those bypass the version counter. After one, call
     `refresh()` (`with dm.cached_scale(model) as cache: ... cache.refresh()`), or leave the
     block and enter it again. Layers added to `model` inside the block are not cached; a copy
-    (copy.deepcopy) of a layer made inside starts uncached. A cache adds one (out,) vector per
-    layer.
+    (copy.deepcopy) of a layer made inside starts uncached. Parameters that are inference
+    tensors (made under torch.inference_mode) or vmap's batched tensors are not cached: those
+    calls compute as outside. A cache adds one (out,) vector per layer, and holds the tensors
+    it was computed from until the next call (torch.utils.swap_tensors works on them).
     """
 
     def __init__(self, model):
@@ -107,7 +108,7 @@ class ScaleCache:
 
     def clear(self):
         self.scale = self.state = None
-        self.refs = (lambda: None,) * 4  # (no object is None)
+        self.refs = (None,) * 8  # (no parameter is None)
 
     def __deepcopy__(self, memo):
         return None
@@ -124,15 +125,23 @@ def cached_scale_of(layer, weight, lora_A, lora_B, magnitude):
     if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
     # version counters (in-place writes), storages (replaced data) and the objects themselves
-    state = (layer.scaling, _optimizer_steps, weight._version, lora_A._version, lora_B._version,
-             magnitude._version, weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr(),
-             magnitude.data_ptr())
+    try:
+        state = (layer.scaling, _optimizer_steps, weight._version, lora_A._version,
+                 lora_B._version, magnitude._version, weight.data_ptr(), lora_A.data_ptr(),
+                 lora_B.data_ptr(), magnitude.data_ptr())
+    except RuntimeError:  # inference tensors have no version counter, vmap's no storage
+        return None  # (computed as outside the block)
     refs = cache.refs
-    if (state != cache.state or refs[0]() is not weight or refs[1]() is not lora_A
-            or refs[2]() is not lora_B or refs[3]() is not magnitude):
+    if (state != cache.state or refs[0] is not weight or refs[1] is not lora_A
+            or refs[2] is not lora_B or refs[3] is not magnitude):
         cache.scale = layer_scale(layer)
         cache.state = state
-        cache.refs = [weakref.ref(t) for t in (weight, lora_A, lora_B, magnitude)]
+        # held, not weak references: a weak one would make torch.utils.swap_tensors (and .to()
+        # or load_state_dict under torch.__future__.set_swap_module_params_on_conversion)
+        # refuse the parameter. Their storages are held too, so that no new storage can take
+        # the address of one replaced through `.data =` (the pointers compared above)
+        tensors = (weight, lora_A, lora_B, magnitude)
+        cache.refs = tensors + tuple(t.untyped_storage() for t in tensors)
     return cache.scale
 
 

@@ -285,3 +285,47 @@ def test_generate_inside_cached_scale_gives_the_merged_models_tokens(family):
                        for _, layer in dm.adapter_layers(model))
     assert expected.shape == (1, 36)
     assert torch.equal(tokens, expected)
+
+
+def test_swap_tensors_and_the_swapping_conversions_work_inside_and_are_seen():
+    """The cache holds no weak reference to a parameter, which torch.utils.swap_tensors refuses
+    (and with it .to() and load_state_dict under set_swap_module_params_on_conversion)."""
+    layer, x = make_layer("linear")
+    swapped = nn.Parameter(torch.randn_like(layer.lora_B))
+    check_recomputed(layer, x, lambda l: torch.utils.swap_tensors(l.lora_B, swapped))
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        def load(l):
+            state = l.state_dict()
+            state["magnitude"] = state["magnitude"] * 2
+            l.load_state_dict(state)
+        check_recomputed(layer, x, load)
+        
+        def convert(l):
+            l.float().double()
+            with torch.no_grad():
+                l.lora_A.mul_(2)
+        check_recomputed(layer, x, convert)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+
+
+def test_inference_tensors_and_vmap_are_computed_as_outside():
+    """Inference tensors have no version counter and vmap's batched tensors no storage: such
+    calls are not cached, and give the uncached numbers."""
+    layer, x = make_layer("linear")
+    with torch.inference_mode():
+        doubled = {name: p * 2 for name, p in layer.named_parameters()}  # inference tensors
+        expected = torch.func.functional_call(layer, doubled, (x,))
+    stacked = {name: torch.stack([p, p * 2]) for name, p in layer.named_parameters()}
+    with torch.no_grad():
+        expected_vmap = torch.func.vmap(
+            lambda p: torch.func.functional_call(layer, p, (x,)))(stacked)
+    with dm.cached_scale(layer):
+        with torch.inference_mode():
+            layer(x)
+            assert torch.equal(torch.func.functional_call(layer, doubled, (x,)), expected)
+        with torch.no_grad():
+            got_vmap = torch.func.vmap(
+                lambda p: torch.func.functional_call(layer, p, (x,)))(stacked)
+    assert torch.equal(got_vmap, expected_vmap)
