@@ -50,9 +50,10 @@ class cached_scale:
     lora_alpha or scaling; and any torch.optim optimizer's step (fused optimizers write without
     bumping the version counter, so every step counts).
 
-    What the layer cannot see: a write through `.data` (`layer.weight.data.copy_(w)`) or
-    through a NumPy view (`.numpy()`): those bypass the version counter. After one, call
-    `refresh()` (`with dm.cached_scale(model) as cache: ... cache.refresh()`), or leave the
+    What the layer cannot see: a write through `.data` (`layer.weight.data.copy_(w)`), through
+    a NumPy view (`.numpy()`), or into the vector that torch.nn.utils.vector_to_parameters made
+    the parameters views of (it assigns `.data`): those bypass the version counter. After one,
+    call `refresh()` (`with dm.cached_scale(model) as cache: ... cache.refresh()`), or leave the
     block and enter it again. Layers added to `model` inside the block are not cached; a copy
     (copy.deepcopy) of a layer made inside starts uncached. Parameters that are inference
     tensors (made under torch.inference_mode) or vmap's batched tensors are not cached: those
