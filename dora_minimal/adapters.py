@@ -406,13 +406,19 @@ def install_adapters(model, adapters, saved=(), config=None):
         parameter.requires_grad_(False)
     for names, adapter in adapters:
         _replace(model, names, adapter)
+    mark_adapted(model, saved, config)
+    _warn_on_whole_model_save(model)
+    return model
+
+
+def mark_adapted(model, saved, config):
+    """Make the modules to save ([(names, module)]) trainable, marked with the config's
+    task_type, and keep on the model what save_pretrained writes beside the layers."""
     for _, module in saved:
         module.requires_grad_(True)
         setattr(module, TRAINED_IN_FULL, config.task_type)
     setattr(model, ADAPTED_MODEL, {key: getattr(config, key) for key in
                                    ("task_type", "base_model_name_or_path", "revision")})
-    _warn_on_whole_model_save(model)
-    return model
 
 
 WHOLE_MODEL_SAVE = (

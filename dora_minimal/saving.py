@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .adapters import (ADAPTED_MODEL, LoraConfig, adapter_layers, build_adapters,
-                       check_init_lora_weights, install_adapters, modules_to_save,
-                       saved_modules, TRAINED_IN_FULL)
+                       check_init_lora_weights, install_adapters, mark_adapted,
+                       modules_to_save, saved_modules, TRAINED_IN_FULL)
 from .checks import check_bool
 
 CONFIG_NAME = "adapter_config.json"
@@ -387,11 +387,7 @@ def from_pretrained(model, directory, detach_norm=True, is_trainable=True):
                 raise ValueError(f"from_pretrained: layer {name} is not among the saved "
                                  f"target_modules {config.target_modules!r}")
         _load(layers, state, _peft_tensors, what, heads, PEFT_PREFIX)
-        for _, module in saved:
-            module.requires_grad_(True)
-            setattr(module, TRAINED_IN_FULL, config.task_type)
-        setattr(model, ADAPTED_MODEL, {key: getattr(config, key) for key in
-                                       ("task_type", "base_model_name_or_path", "revision")})
+        mark_adapted(model, saved, config)
     if not is_trainable:
         for _, layer in adapter_layers(model):
             layer.requires_grad_(False)
