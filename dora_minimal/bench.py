@@ -165,7 +165,7 @@ def peak_memory_mib(fn, device):
 def measure(functions, device, warmup, repeat):
     """{name: (median ms or None on meta, peak extra MiB)} of each fn() in `functions`.
 
-    The timed runs go round-robin (one run of each, `repeat` times), so that a machine that
+    The timed runs are interleaved (one run of each, `repeat` times), so that a machine that
     speeds up or slows down during the run affects every variant alike.
     """
     clock, memory = timer(device), {}

@@ -4,9 +4,10 @@
             generate() step), for each size in --decode-sizes: the frozen layer, our LoRA, our
             DoRA uncached, inside dm.cached_scale and merged (to_base()), and where peft is
             installed its LoRA, DoRA and DoRA inside its DoraCaching (PEFT's layers called
-            directly, adapters in the layer's dtype). Medians of round-robin runs; each row's
-            ratio is to the frozen layer at the same T; MiB: the peak memory a call adds, and
-            what the variant holds between calls (a cache).
+            directly, adapters in the layer's dtype). Medians of interleaved rounds (each
+            round calls every variant once); each row's ratio is to the frozen layer at the
+            same T; MiB: the peak memory a call adds, and what the variant holds between calls
+            (a cache).
 --generate  transformers' generate() (greedy, --new-tokens tokens) of a tiny GPT-2 and a tiny
             Llama (4 layers of --generate-width) with LoRA or DoRA on every linear layer
             (r = --rank): tokens per second of LoRA, DoRA uncached, DoRA inside cached_scale and
